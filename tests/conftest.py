@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.localkafka import LocalKafka
+
+TopicFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture(scope="session")
+def kafka() -> LocalKafka:
+    """The local broker of scripts/local-kafka, started if it is not running."""
+    return LocalKafka.ensure_started()
+
+
+@pytest.fixture
+async def new_topic(
+    kafka: LocalKafka, request: pytest.FixtureRequest
+) -> AsyncIterator[TopicFactory]:
+    """Makes topics with unique names (so one broker serves the whole run); deletes them after."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+    await admin.start()
+    made: list[str] = []
+    prefix = request.node.name.split("[")[0].replace("_", "-")[:40]
+
+    async def make(partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        await admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    num_partitions=partitions,
+                    replication_factor=1,
+                    topic_configs=config or {},
+                )
+            ]
+        )
+        made.append(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        if made:
+            await admin.delete_topics(made)
+        await admin.close()

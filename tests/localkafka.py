@@ -1,0 +1,143 @@
+"""Test-side view of `scripts/local-kafka`: where its listeners are and how to reach each one."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka.abc import AbstractTokenProvider
+from aiokafka.helpers import create_ssl_context
+from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "local-kafka"
+
+
+@dataclass(frozen=True)
+class LocalKafka:
+    """The exports of `scripts/local-kafka env`, typed."""
+
+    plaintext: str
+    ssl: str
+    scram: str
+    iam: str
+    ca_file: str
+    client_cert_file: str
+    client_key_file: str
+    scram_username: str
+    scram_password: str
+    aws_access_key_id: str
+    aws_secret_access_key: str
+    aws_region: str
+    short_session_access_key_id: str
+    short_session_secret_access_key: str
+    short_session_ms: int
+
+    @classmethod
+    def ensure_started(cls) -> LocalKafka:
+        subprocess.run([str(SCRIPT), "start"], check=True)
+        out = subprocess.run(
+            [str(SCRIPT), "env"], check=True, capture_output=True, text=True
+        ).stdout
+        env: dict[str, str] = {}
+        for line in out.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+        return cls(
+            plaintext=env["KAFKA_BOOTSTRAP_PLAINTEXT"],
+            ssl=env["KAFKA_BOOTSTRAP_SSL"],
+            scram=env["KAFKA_BOOTSTRAP_SCRAM"],
+            iam=env["KAFKA_BOOTSTRAP_IAM"],
+            ca_file=env["KAFKA_CA_FILE"],
+            client_cert_file=env["KAFKA_CLIENT_CERT_FILE"],
+            client_key_file=env["KAFKA_CLIENT_KEY_FILE"],
+            scram_username=env["KAFKA_SCRAM_USERNAME"],
+            scram_password=env["KAFKA_SCRAM_PASSWORD"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            aws_region=env["AWS_REGION"],
+            short_session_access_key_id=env["KAFKA_IAM_SHORT_SESSION_ACCESS_KEY_ID"],
+            short_session_secret_access_key=env["KAFKA_IAM_SHORT_SESSION_SECRET_ACCESS_KEY"],
+            short_session_ms=int(env["KAFKA_IAM_SHORT_SESSION_MS"]),
+        )
+
+    def client_kwargs(self, listener: str, **overrides: Any) -> dict[str, Any]:
+        """aiokafka client arguments for one listener: plaintext, ssl, mtls, scram or iam."""
+        kwargs: dict[str, Any]
+        if listener == "plaintext":
+            kwargs = {"bootstrap_servers": self.plaintext}
+        elif listener == "ssl":
+            kwargs = {
+                "bootstrap_servers": self.ssl,
+                "security_protocol": "SSL",
+                "ssl_context": create_ssl_context(cafile=self.ca_file),
+            }
+        elif listener == "mtls":
+            kwargs = {
+                "bootstrap_servers": self.ssl,
+                "security_protocol": "SSL",
+                "ssl_context": create_ssl_context(
+                    cafile=self.ca_file,
+                    certfile=self.client_cert_file,
+                    keyfile=self.client_key_file,
+                ),
+            }
+        elif listener == "scram":
+            kwargs = {
+                "bootstrap_servers": self.scram,
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_plain_username": self.scram_username,
+                "sasl_plain_password": self.scram_password,
+                "ssl_context": create_ssl_context(cafile=self.ca_file),
+            }
+        elif listener == "iam":
+            kwargs = {
+                "bootstrap_servers": self.iam,
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "OAUTHBEARER",
+                "sasl_oauth_token_provider": SignerTokenProvider(
+                    self.aws_region, self.aws_access_key_id, self.aws_secret_access_key
+                ),
+                "ssl_context": create_ssl_context(cafile=self.ca_file),
+            }
+        else:
+            raise ValueError(f"unknown listener {listener!r}")
+        kwargs.update(overrides)
+        return kwargs
+
+
+class SignerTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
+    """MSK IAM tokens from aws-msk-iam-sasl-signer-python, signed off the event loop.
+
+    Counts the tokens it hands out: each new broker connection asks for one.
+    """
+
+    def __init__(self, region: str, access_key_id: str, secret_access_key: str) -> None:
+        from botocore.credentials import Credentials
+
+        self._region = region
+        self._credentials = Credentials(access_key_id, secret_access_key)
+        self.issued = 0
+
+    async def token(self) -> str:
+        from botocore.credentials import CredentialProvider
+
+        credentials = self._credentials
+
+        class _Static(CredentialProvider):  # type: ignore[misc]
+            def load(self) -> Any:
+                return credentials
+
+        token, _expiry_ms = await asyncio.get_running_loop().run_in_executor(
+            None,
+            MSKAuthTokenProvider.generate_auth_token_from_credentials_provider,
+            self._region,
+            _Static(),
+        )
+        self.issued += 1
+        return str(token)
