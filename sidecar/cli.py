@@ -1,11 +1,58 @@
-"""The `kafka-sidecar` command line."""
+"""The `kafka-sidecar` command line.
+
+Exit codes: 0 success, 2 usage or config error (nothing was started), anything else is the
+daemon's own. The console script passes `main`'s return value to sys.exit.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
 
 from sidecar import __version__
+from sidecar.config import CONFIG_ENV, ConfigError, SidecarConfig, load_config, redacted
+
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _load(path: str | None) -> SidecarConfig | None:
+    """Load the config, or print why not (each problem on its own line) and return None."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        if exc.path is None:
+            print(f"kafka-sidecar: {exc}", file=sys.stderr)
+        else:
+            print(f"kafka-sidecar: invalid config {exc.path}:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    if args.file and args.config:
+        print("kafka-sidecar: check-config: give FILE or --config, not both", file=sys.stderr)
+        return EXIT_USAGE
+    config = _load(args.file or args.config)
+    if config is None:
+        return EXIT_USAGE
+    yaml.safe_dump(redacted(config), sys.stdout, sort_keys=False)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    # Imported here so `check-config` and `--help` never pay for Kafka and gRPC imports.
+    from sidecar.daemon import run_daemon
+
+    return run_daemon(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +61,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume Kafka for an app and stream batches to it over gRPC.",
     )
     parser.add_argument("--version", action="version", version=f"kafka-sidecar {__version__}")
+    parser.set_defaults(command=None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    config_help = f"the YAML config file (default: ${CONFIG_ENV})"
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config and print it as the sidecar would use it",
+        description=(
+            "Validate a config file, apply ${VAR} expansion and KAFKA_SIDECAR_* overrides, "
+            "and print the effective config as YAML with secrets masked. "
+            "Exits 2 if the config is invalid, listing every problem."
+        ),
+    )
+    check.add_argument("file", nargs="?", metavar="FILE", help=config_help)
+    check.add_argument("--config", metavar="FILE", help="same as FILE")
+    check.set_defaults(command=_check_config)
+
+    run = commands.add_parser(
+        "run",
+        help="run the sidecar",
+        description=(
+            "Run the sidecar until SIGTERM or SIGINT: consume the configured subscriptions "
+            "and serve them to apps over gRPC. Exits 2 without starting if the config is invalid."
+        ),
+    )
+    run.add_argument("--config", metavar="FILE", help=config_help)
+    run.set_defaults(command=_run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print(f"kafka-sidecar {__version__}")
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command | None = args.command
+    if command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return command(args)

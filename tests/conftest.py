@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.localkafka import LocalKafka
+from tests.sidecarproc import SidecarProcess
 
 TopicFactory = Callable[..., Awaitable[str]]
 
@@ -48,3 +51,33 @@ async def new_topic(
         if made:
             await admin.delete_topics(made)
         await admin.close()
+
+
+@pytest.fixture
+async def start_sidecar(
+    kafka: LocalKafka,
+) -> AsyncIterator[Callable[..., Awaitable[SidecarProcess]]]:
+    """Starts real `kafka-sidecar run` processes and waits until they serve; stops them after."""
+    started: list[SidecarProcess] = []
+
+    async def start(subscriptions: list[dict[str, Any]], **kwargs: Any) -> SidecarProcess:
+        proc = SidecarProcess(kafka, subscriptions, **kwargs).start()
+        started.append(proc)
+        await proc.wait_serving()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+async def producer(kafka: LocalKafka) -> AsyncIterator[AIOKafkaProducer]:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.plaintext, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()

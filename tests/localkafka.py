@@ -141,3 +141,47 @@ class SignerTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         )
         self.issued += 1
         return str(token)
+
+
+async def committed_offsets(kafka: LocalKafka, group_id: str) -> dict[tuple[str, int], int]:
+    """Kafka's own view of a group's committed offsets."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+
+
+async def end_offsets(kafka: LocalKafka, topic: str) -> dict[tuple[str, int], int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.plaintext)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+    finally:
+        await consumer.stop()
+    return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+
+async def describe_group(kafka: LocalKafka, group_id: str) -> tuple[str, list[str]]:
+    """(state, member ids) of a consumer group, as the coordinator sees it."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group_id])
+    finally:
+        await admin.close()
+    (group,) = response.groups
+    _error, _name, state, _ptype, _protocol, members = group[:6]
+    return state, sorted(member[0] for member in members)

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 
+from sidecar.consumer import close_consumer
 from tests.localkafka import LocalKafka, SignerTokenProvider
 
 TopicFactory = Callable[..., Awaitable[str]]
@@ -296,4 +297,4 @@ async def test_iam_consumer_rides_through_session_ends(
         assert provider.issued >= issued_at_start + 2, "re-connected with fresh tokens"
     finally:
         await producer.stop()
-        await consumer.stop()
+        await close_consumer(consumer)

@@ -1,0 +1,22 @@
+# Shared by scripts/test and scripts/demo (sourced, not run).
+
+# Makes .venv (or $KAFKA_SIDECAR_VENV) and installs the project with its dev extra into it.
+ensure_venv() {
+  command -v python3 >/dev/null || { echo "python3 not found (3.11+ needed)" >&2; exit 1; }
+  VENV=${KAFKA_SIDECAR_VENV:-.venv}
+  if [[ ! -x $VENV/bin/python ]]; then
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+}
+
+# Starts the local broker unless it runs; stops it on exit only if this script started it.
+ensure_broker() {
+  BROKER_STARTED=0
+  trap 'if ((BROKER_STARTED)); then scripts/local-kafka stop; fi' EXIT
+  if ! scripts/local-kafka status >/dev/null; then
+    scripts/local-kafka start
+    BROKER_STARTED=1
+  fi
+}

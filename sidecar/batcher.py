@@ -1,0 +1,184 @@
+"""Batching policy: which fetched records go into the next batch, and when.
+
+Pure (no I/O, no clock of its own): the dispatcher passes `now` in. Records wait here between
+the fetch and their delivery, and again between a nack and their redelivery, so this is also
+where ordering is enforced: under `ordering: partition` a partition contributes only when none
+of its records are out with the app, and always from its lowest offset, so a retried record
+goes out again before anything after it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from kafkasidecar.v1 import consumer_pb2 as pb
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One record owed to the app: its wire form plus what delivery needs to know."""
+
+    tp: TopicPartition
+    offset: int
+    size: int
+    record: pb.Record
+    #: Deliveries so far; the next one is `attempts + 1` (the record's `delivery_attempt`).
+    attempts: int = 0
+    #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):
+    #: linger counts from here.
+    since: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_records: int
+    max_bytes: int
+    max_wait_s: float
+
+
+@dataclass(slots=True)
+class _Queue:
+    records: deque[Pending] = field(default_factory=deque)
+    bytes: int = 0
+
+
+class Backlog:
+    """Records fetched but not out with the app, per partition, plus retries waiting out
+    their backoff."""
+
+    __slots__ = ("_delayed", "_limits", "_ordered", "_queues", "_rotation", "_seq")
+
+    def __init__(self, limits: BatchLimits, *, ordered: bool) -> None:
+        self._limits = limits
+        self._ordered = ordered
+        self._queues: dict[TopicPartition, _Queue] = {}
+        self._delayed: list[tuple[float, int, Pending]] = []
+        self._seq = itertools.count()
+        self._rotation = 0
+
+    # -- filling ---------------------------------------------------------------------------
+
+    def add(self, pending: Pending) -> None:
+        """A freshly fetched record; offsets arrive in order per partition."""
+        queue = self._queues.get(pending.tp)
+        if queue is None:
+            queue = self._queues[pending.tp] = _Queue()
+        queue.records.append(pending)
+        queue.bytes += pending.size
+
+    def retry(self, pending: Pending, not_before: float) -> None:
+        """A record to deliver again once `not_before` has passed."""
+        heapq.heappush(self._delayed, (not_before, next(self._seq), pending))
+
+    def release_due(self, now: float) -> None:
+        """Moves retries whose backoff is over back into their partition, in offset order."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, pending = heapq.heappop(self._delayed)
+            pending.since = now
+            queue = self._queues.get(pending.tp)
+            if queue is None:
+                queue = self._queues[pending.tp] = _Queue()
+            records = queue.records
+            # Usually it belongs at the front; scan from there for the rare multi-retry case.
+            index = 0
+            while index < len(records) and records[index].offset < pending.offset:
+                index += 1
+            records.insert(index, pending)
+            queue.bytes += pending.size
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting retry becomes deliverable."""
+        return self._delayed[0][0] if self._delayed else None
+
+    # -- draining --------------------------------------------------------------------------
+
+    def drop(self, tps: set[TopicPartition]) -> list[Pending]:
+        """Forgets revoked partitions (their records go to the partitions' next owner)."""
+        dropped: list[Pending] = []
+        for tp in tps:
+            queue = self._queues.pop(tp, None)
+            if queue is not None:
+                dropped.extend(queue.records)
+        if any(p.tp in tps for _, _, p in self._delayed):
+            dropped.extend(p for _, _, p in self._delayed if p.tp in tps)
+            self._delayed = [item for item in self._delayed if item[2].tp not in tps]
+            heapq.heapify(self._delayed)
+        return dropped
+
+    def buffered(self, tp: TopicPartition) -> tuple[int, int]:
+        """(records, bytes) waiting for delivery in one partition, retries included."""
+        queue = self._queues.get(tp)
+        records, size = (len(queue.records), queue.bytes) if queue else (0, 0)
+        for _, _, pending in self._delayed:
+            if pending.tp == tp:
+                records += 1
+                size += pending.size
+        return records, size
+
+    def __len__(self) -> int:
+        return sum(len(q.records) for q in self._queues.values()) + len(self._delayed)
+
+    def _eligible(self, busy: set[TopicPartition]) -> list[_Queue]:
+        if not self._ordered:
+            return [q for q in self._queues.values() if q.records]
+        delayed = {p.tp for _, _, p in self._delayed}
+        return [
+            q
+            for tp, q in self._queues.items()
+            if q.records and tp not in busy and tp not in delayed
+        ]
+
+    def ready_at(
+        self, busy: set[TopicPartition], max_records: int, max_bytes: int, now: float
+    ) -> float | None:
+        """When a batch should go out: `now` (or earlier) if a full batch is waiting, else
+        when the oldest eligible record's linger ends; None if nothing is eligible.
+
+        `busy` are partitions with records out with the app (they hold back under
+        partition ordering); `max_records`/`max_bytes` are the batch limits already cut
+        down to the receiving stream's free window, so a small window sends at once rather
+        than lingering for a batch it could never take.
+        """
+        queues = self._eligible(busy)
+        if not queues:
+            return None
+        records = 0
+        size = 0
+        oldest = now
+        for queue in queues:
+            records += len(queue.records)
+            size += queue.bytes
+            oldest = min(oldest, queue.records[0].since)
+        if records >= max_records or size >= max_bytes:
+            return now
+        return oldest + self._limits.max_wait_s
+
+    def take(self, busy: set[TopicPartition], max_records: int, max_bytes: int) -> list[Pending]:
+        """The next batch: at most `max_records` and `max_bytes` (but at least one record,
+        however large), lowest offsets first within each partition, partitions in rotation
+        so none starves."""
+        queues = self._eligible(busy)
+        if not queues:
+            return []
+        self._rotation = (self._rotation + 1) % len(queues)
+        queues = queues[self._rotation :] + queues[: self._rotation]
+        batch: list[Pending] = []
+        size = 0
+        for queue in queues:
+            records = queue.records
+            while records and len(batch) < max_records:
+                head = records[0]
+                if batch and size + head.size > max_bytes:
+                    return batch
+                records.popleft()
+                queue.bytes -= head.size
+                size += head.size
+                batch.append(head)
+            if len(batch) >= max_records:
+                break
+        return batch

@@ -1,0 +1,185 @@
+"""The Kafka side of a group subscription: a thin shell around AIOKafkaConsumer.
+
+It fetches into the dispatcher, pauses partitions whose backlog is full while it keeps
+polling (so a slow app never costs the group membership: aiokafka's `getmany` with paused
+partitions still resets the poll-interval clock), and commits what the ledger says is safe.
+`enable_auto_commit` stays off: aiokafka would commit what it returned, not what was acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from sidecar.config import SubscriptionConfig
+from sidecar.dispatcher import Dispatcher
+from sidecar.ledger import Ledger
+
+log = logging.getLogger("sidecar.consumer")
+
+
+async def close_consumer(consumer: AIOKafkaConsumer) -> None:
+    """`AIOKafkaConsumer.stop()`, finished even when aiokafka trips over itself.
+
+    aiokafka 0.14's fetcher cleanup awaits fetch tasks it has just cancelled, so `stop()`
+    raises CancelledError whenever a fetch was in its retry backoff, e.g. right after MSK
+    ended a session. The group was already left by then; only the client's connections are
+    left open, so close them, unless this task itself is being cancelled.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        await consumer._client.close()
+
+
+class GroupConsumer:
+    """Fetch → dispatcher, ledger → commits, for one `mode: group` subscription."""
+
+    def __init__(
+        self,
+        config: SubscriptionConfig,
+        dispatcher: Dispatcher,
+        ledger: Ledger,
+        client_kwargs: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.ledger = ledger
+        self._stopping = False
+        self._paused: set[TopicPartition] = set()
+        consumer = config.consumer
+        self.consumer = AIOKafkaConsumer(
+            group_id=config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=consumer.auto_offset_reset,
+            session_timeout_ms=consumer.session_timeout_ms,
+            heartbeat_interval_ms=consumer.heartbeat_interval_ms,
+            max_poll_interval_ms=consumer.max_poll_interval_ms,
+            # The revoke grace runs inside the rebalance, so the broker must wait for it.
+            rebalance_timeout_ms=consumer.rebalance_timeout_ms
+            or max(consumer.session_timeout_ms, config.revoke_grace_ms + 5000),
+            fetch_max_bytes=consumer.fetch_max_bytes,
+            max_partition_fetch_bytes=consumer.max_partition_fetch_bytes,
+            group_instance_id=consumer.group_instance_id,
+            **client_kwargs,
+        )
+
+    async def start(self) -> None:
+        self.consumer.subscribe(self.config.topics, listener=_Rebalance(self))
+        await self.consumer.start()
+
+    async def run(self) -> None:
+        """The poll loop. Never blocks on the app: a full backlog pauses, it doesn't wait."""
+        limit = self.config.batch.max_records
+        while not self._stopping:
+            try:
+                fetched = await self.consumer.getmany(timeout_ms=200, max_records=limit)
+            except KafkaError as exc:
+                log.warning(
+                    "fetch failed; retrying",
+                    extra={"subscription": self.config.name, "error": repr(exc)},
+                )
+                await asyncio.sleep(1)
+                continue
+            for tp, records in fetched.items():
+                self.dispatcher.add((tp.topic, tp.partition), records)
+            self._backpressure()
+
+    def _backpressure(self) -> None:
+        """Pauses partitions with a batch's worth waiting; resumes them at half of that."""
+        batch = self.config.batch
+        assignment = self.consumer.assignment()
+        self._paused &= assignment
+        pause, resume = [], []
+        for tp in assignment:
+            records, size = self.dispatcher.backlog.buffered((tp.topic, tp.partition))
+            if tp in self._paused:
+                if records < max(batch.max_records // 2, 1) and size < batch.max_bytes // 2:
+                    resume.append(tp)
+            elif records >= batch.max_records or size >= batch.max_bytes:
+                pause.append(tp)
+        if pause:
+            self.consumer.pause(*pause)
+            self._paused.update(pause)
+        if resume:
+            self.consumer.resume(*resume)
+            self._paused.difference_update(resume)
+
+    async def commit_loop(self) -> None:
+        interval = self.config.commit_interval_ms / 1000
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            await self.commit()
+
+    async def commit(self, only: set[tuple[str, int]] | None = None) -> None:
+        """Commits every partition whose lowest unsettled offset moved."""
+        pending = self.ledger.pending_commits()
+        if only is not None:
+            pending = {tp: offset for tp, offset in pending.items() if tp in only}
+        if not pending:
+            return
+        offsets = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "")
+            for (topic, partition), offset in pending.items()
+        }
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # Rebalancing or a broker hiccup: the ledger still holds it; next tick retries.
+            log.info(
+                "commit deferred",
+                extra={"subscription": self.config.name, "error": repr(exc)},
+            )
+            return
+        self.ledger.mark_committed(pending)
+        log.debug(
+            "committed",
+            extra={
+                "subscription": self.config.name,
+                "offsets": {f"{t}:{p}": o for (t, p), o in pending.items()},
+            },
+        )
+
+    async def stop(self) -> None:
+        """Final commit, then leave the group so the partitions move on at once."""
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            await self.commit()
+        await close_consumer(self.consumer)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: GroupConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        owner = self._owner
+        tps = {(tp.topic, tp.partition) for tp in revoked}
+        if not tps:
+            return
+        await owner.commit(only=tps)
+        owner.dispatcher.revoke(tps)
+        for tp in tps:
+            owner.ledger.revoke(tp)
+        log.info(
+            "partitions revoked",
+            extra={"subscription": owner.config.name, "partitions": sorted(tps)},
+        )
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        owner = self._owner
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        owner.dispatcher.assign(tps)
+        log.info(
+            "partitions assigned",
+            extra={"subscription": owner.config.name, "partitions": sorted(tps)},
+        )

@@ -1,0 +1,522 @@
+"""Hands fetched records to the app's streams, and applies what the app says back.
+
+One dispatcher per subscription. Records come in from the consumer, wait in the backlog,
+and go out as batches to streams with free window; acks settle them in the ledger (which
+moves commits), nacks and expired ack deadlines send them back to the backlog. Everything
+here runs on the event loop without awaiting, so no locks: a stream's outbox is an unbounded
+queue whose size the window bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafkasidecar.v1 import consumer_pb2 as pb
+
+from sidecar import __version__
+from sidecar.batcher import Backlog, BatchLimits, Pending, TopicPartition
+from sidecar.config import SubscriptionConfig
+from sidecar.ledger import Ledger, SettleOutcome
+
+log = logging.getLogger("sidecar.dispatcher")
+
+_MODES = {"group": pb.SUBSCRIPTION_MODE_GROUP, "snapshot": pb.SUBSCRIPTION_MODE_SNAPSHOT}
+_ORDERINGS = {"partition": pb.ORDERING_PARTITION, "none": pb.ORDERING_NONE}
+#: How many ended-unsettled batch ids a stream remembers, to say why a late ack is refused.
+_CLOSED_BATCH_MEMORY = 10_000
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    id: int
+    deadline: float
+    #: Records of this batch not yet settled (nor taken back), by (topic, partition, offset).
+    records: dict[tuple[str, int, int], Pending]
+
+
+@dataclass(eq=False)
+class Stream:
+    """One app stream: its window, what it holds, and its outbox."""
+
+    id: str
+    client_id: str
+    max_batches: int
+    max_records: int
+    max_bytes: int
+    outbox: asyncio.Queue[pb.ConsumeResponse | None] = field(default_factory=asyncio.Queue)
+    batches: dict[int, _Batch] = field(default_factory=dict)
+    #: (topic, partition, offset) -> batch id, for acks by record.
+    index: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    out_records: int = 0
+    out_bytes: int = 0
+    next_batch_id: int = 1
+    draining: bool = False
+    closed_batches: dict[int, int] = field(default_factory=dict)
+
+    def room(self) -> tuple[int, int] | None:
+        """(records, bytes) it can still take in one batch, or None when its window is full."""
+        if self.draining or len(self.batches) >= self.max_batches:
+            return None
+        records = self.max_records - self.out_records
+        size = self.max_bytes - self.out_bytes
+        if records <= 0 or (size <= 0 and self.out_records):
+            return None
+        # A record larger than the whole window still goes out, alone, to an idle stream.
+        return records, max(size, 1)
+
+    def send(self, message: pb.ConsumeResponse) -> None:
+        self.outbox.put_nowait(message)
+
+
+def _record_size(key: bytes | None, value: bytes | None, headers: Iterable[Any]) -> int:
+    size = (len(key) if key else 0) + (len(value) if value else 0)
+    for hkey, hvalue in headers:
+        size += len(hkey) + (len(hvalue) if hvalue else 0)
+    return size
+
+
+def to_pending(message: Any, now: float) -> Pending:
+    """An aiokafka ConsumerRecord in wire form. Built once per record, at fetch."""
+    headers = [
+        pb.Header(key=k) if v is None else pb.Header(key=k, value=v) for k, v in message.headers
+    ]
+    record = pb.Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        headers=headers,
+        timestamp_ms=message.timestamp,
+        timestamp_type=message.timestamp_type + 1,
+    )
+    if message.key is not None:
+        record.key = message.key
+    if message.value is not None:
+        record.value = message.value
+    return Pending(
+        tp=(message.topic, message.partition),
+        offset=message.offset,
+        size=_record_size(message.key, message.value, message.headers),
+        record=record,
+        since=now,
+    )
+
+
+class Dispatcher:
+    """Backlog → batches → streams, and acks/nacks → ledger, for one subscription."""
+
+    def __init__(self, config: SubscriptionConfig, ledger: Ledger, *, group_id: str = "") -> None:
+        self.config = config
+        self.ledger = ledger
+        self.group_id = group_id
+        self.backlog = Backlog(
+            BatchLimits(
+                config.batch.max_records, config.batch.max_bytes, config.batch.max_wait_ms / 1000
+            ),
+            ordered=config.ordering == "partition",
+        )
+        self.streams: dict[str, Stream] = {}
+        self.assigned: set[TopicPartition] = set()
+        #: Partitions revoked since they were last assigned: acks for them say REVOKED.
+        self.revoked: set[TopicPartition] = set()
+        self._inflight: dict[TopicPartition, int] = {}
+        self._stream_ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._closing = False
+        self.delivered = 0
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def attach(self, request: pb.Open, peer: str) -> Stream:
+        window = self.config.window
+
+        def limit(asked: int, cap: int) -> int:
+            return min(asked, cap) if asked > 0 else cap
+
+        stream = Stream(
+            id=f"{self.config.name}-{next(self._stream_ids)}",
+            client_id=request.client_id or peer,
+            max_batches=limit(request.max_outstanding_batches, window.max_outstanding_batches),
+            max_records=limit(request.max_outstanding_records, window.max_outstanding_records),
+            max_bytes=limit(request.max_outstanding_bytes, window.max_outstanding_bytes),
+        )
+        stream.send(
+            pb.ConsumeResponse(
+                opened=pb.Opened(
+                    subscription=self.config.name,
+                    group_id=self.group_id,
+                    mode=_MODES[self.config.mode],
+                    ordering=_ORDERINGS[self.config.ordering],
+                    max_outstanding_batches=stream.max_batches,
+                    max_outstanding_records=stream.max_records,
+                    max_outstanding_bytes=stream.max_bytes,
+                    batch_max_records=self.config.batch.max_records,
+                    batch_max_bytes=self.config.batch.max_bytes,
+                    batch_max_wait_ms=self.config.batch.max_wait_ms,
+                    ack_deadline_ms=self.config.ack_deadline_ms,
+                    version=__version__,
+                    stream_id=stream.id,
+                )
+            )
+        )
+        if self.assigned:
+            stream.send(
+                pb.ConsumeResponse(
+                    partitions_assigned=pb.PartitionsAssigned(partitions=_tps(self.assigned))
+                )
+            )
+        self.streams[stream.id] = stream
+        log.info(
+            "stream attached",
+            extra={"subscription": self.config.name, "stream": stream.id, "client": peer},
+        )
+        self._wake.set()
+        return stream
+
+    def detach(self, stream: Stream) -> None:
+        """The stream ended: what it held goes back to the backlog for another stream."""
+        if self.streams.pop(stream.id, None) is None:
+            return
+        now = time.monotonic()
+        returned = 0
+        for batch in stream.batches.values():
+            for pending in batch.records.values():
+                self._release(pending.tp)
+                self.backlog.retry(pending, now)
+                returned += 1
+        stream.batches.clear()
+        stream.index.clear()
+        log.info(
+            "stream detached",
+            extra={
+                "subscription": self.config.name,
+                "stream": stream.id,
+                "redelivering": returned,
+            },
+        )
+        self._wake.set()
+
+    def drain(self, stream: Stream) -> None:
+        stream.draining = True
+
+    # -- from the consumer -----------------------------------------------------------------
+
+    def add(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Fetched records of one partition, in offset order."""
+        if not records:
+            return
+        if self.ledger.partition(tp) is None:
+            # The first record fetched after assignment is where this owner's ledger starts.
+            self.ledger.assign(tp, records[0].offset)
+        now = time.monotonic()
+        ledger, backlog = self.ledger, self.backlog
+        for message in records:
+            pending = to_pending(message, now)
+            ledger.track(tp, pending.offset)
+            backlog.add(pending)
+        self._wake.set()
+
+    def assign(self, tps: Iterable[TopicPartition]) -> None:
+        tps = set(tps)
+        self.assigned |= tps
+        self.revoked -= tps
+        self._broadcast(
+            pb.ConsumeResponse(partitions_assigned=pb.PartitionsAssigned(partitions=_tps(tps)))
+        )
+
+    def revoke(self, tps: Iterable[TopicPartition]) -> None:
+        """Drops the partitions' records, buffered and in flight; the next owner gets them."""
+        tps = set(tps) & self.assigned
+        if not tps:
+            return
+        self.assigned -= tps
+        self.revoked |= tps
+        self.backlog.drop(tps)
+        for stream in self.streams.values():
+            for batch in list(stream.batches.values()):
+                for key in [k for k in batch.records if (k[0], k[1]) in tps]:
+                    pending = batch.records.pop(key)
+                    del stream.index[key]
+                    stream.out_records -= 1
+                    stream.out_bytes -= pending.size
+                if not batch.records:
+                    self._close_batch(stream, batch, pb.REJECT_REASON_REVOKED)
+        for tp in tps:
+            self._inflight.pop(tp, None)
+        self._broadcast(
+            pb.ConsumeResponse(partitions_revoked=pb.PartitionsRevoked(partitions=_tps(tps)))
+        )
+        self._wake.set()
+
+    # -- from the app ----------------------------------------------------------------------
+
+    def ack(self, stream: Stream, request: pb.Ack) -> None:
+        rejected = _Rejections()
+        for batch_id in request.batch_ids:
+            batch = stream.batches.get(batch_id)
+            if batch is None:
+                rejected.batch(batch_id, self._why_no_batch(stream, batch_id))
+                continue
+            for pending in list(batch.records.values()):
+                self._settle(stream, batch, pending)
+        for ref in request.records:
+            found = self._find(stream, ref)
+            if isinstance(found, tuple):
+                self._settle(stream, *found)
+            else:
+                rejected.record(ref, found)
+        rejected.send(stream)
+        self._wake.set()
+
+    def nack(self, stream: Stream, request: pb.Nack) -> None:
+        rejected = _Rejections()
+        if request.action == pb.NACK_ACTION_DEAD_LETTER:
+            # Dead-lettering arrives with the dead-letter producer; until then say so plainly.
+            for batch_id in request.batch_ids:
+                rejected.batch(batch_id, pb.REJECT_REASON_INVALID)
+            for ref in request.records:
+                rejected.record(ref, pb.REJECT_REASON_INVALID)
+            rejected.send(stream, "dead-lettering is not available on this subscription")
+            return
+        targets: list[tuple[_Batch, Pending]] = []
+        for batch_id in request.batch_ids:
+            batch = stream.batches.get(batch_id)
+            if batch is None:
+                rejected.batch(batch_id, self._why_no_batch(stream, batch_id))
+                continue
+            targets.extend((batch, p) for p in batch.records.values())
+        for ref in request.records:
+            found = self._find(stream, ref)
+            if isinstance(found, tuple):
+                targets.append(found)
+            else:
+                rejected.record(ref, found)
+        now = time.monotonic()
+        for batch, pending in targets:
+            self._take_back(stream, batch, pending)
+            delay = (
+                request.retry_after_ms / 1000
+                if request.retry_after_ms
+                else self._backoff(pending.attempts)
+            )
+            self.backlog.retry(pending, now + delay)
+        rejected.send(stream)
+        self._wake.set()
+
+    def _backoff(self, attempts: int) -> float:
+        """Exponential, capped, with jitter so a burst of nacks doesn't return as a burst."""
+        retry = self.config.retry
+        ceiling = min(
+            retry.initial_backoff_ms * retry.multiplier ** max(attempts - 1, 0),
+            retry.max_backoff_ms,
+        )
+        return (ceiling / 2 + random.uniform(0, ceiling / 2)) / 1000
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _find(self, stream: Stream, ref: pb.RecordRef) -> tuple[_Batch, Pending] | int:
+        key = (ref.topic, ref.partition, ref.offset)
+        batch_id = stream.index.get(key)
+        if batch_id is not None:
+            batch = stream.batches[batch_id]
+            return batch, batch.records[key]
+        tp = (ref.topic, ref.partition)
+        if tp in self.revoked:
+            return pb.REJECT_REASON_REVOKED
+        partition = self.ledger.partition(tp)
+        if partition is not None and partition.is_settled(ref.offset):
+            return pb.REJECT_REASON_ALREADY_SETTLED
+        return pb.REJECT_REASON_UNKNOWN
+
+    def _why_no_batch(self, stream: Stream, batch_id: int) -> int:
+        if batch_id in stream.closed_batches:
+            return stream.closed_batches[batch_id]
+        if 0 < batch_id < stream.next_batch_id:
+            return pb.REJECT_REASON_ALREADY_SETTLED
+        return pb.REJECT_REASON_UNKNOWN
+
+    def _settle(self, stream: Stream, batch: _Batch, pending: Pending) -> None:
+        self._take_back(stream, batch, pending)
+        outcome = self.ledger.settle(pending.tp, pending.offset)
+        if outcome is not SettleOutcome.SETTLED:  # pragma: no cover - a bookkeeping bug
+            log.error(
+                "settled a record the ledger did not expect",
+                extra={"topic": pending.tp[0], "partition": pending.tp[1], "outcome": outcome},
+            )
+
+    def _take_back(self, stream: Stream, batch: _Batch, pending: Pending) -> None:
+        """Removes a record from what the stream holds (settled, or to be redelivered)."""
+        key = (pending.tp[0], pending.tp[1], pending.offset)
+        del batch.records[key]
+        del stream.index[key]
+        stream.out_records -= 1
+        stream.out_bytes -= pending.size
+        self._release(pending.tp)
+        if not batch.records:
+            del stream.batches[batch.id]
+
+    def _close_batch(self, stream: Stream, batch: _Batch, reason: int) -> None:
+        stream.batches.pop(batch.id, None)
+        stream.closed_batches[batch.id] = reason
+        if len(stream.closed_batches) > _CLOSED_BATCH_MEMORY:
+            del stream.closed_batches[next(iter(stream.closed_batches))]
+
+    def _release(self, tp: TopicPartition) -> None:
+        left = self._inflight.get(tp, 0) - 1
+        if left > 0:
+            self._inflight[tp] = left
+        else:
+            self._inflight.pop(tp, None)
+
+    def _broadcast(self, message: pb.ConsumeResponse) -> None:
+        for stream in self.streams.values():
+            stream.send(message)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def close(self, deadline_ms: int) -> None:
+        """Shutdown: no more batches; every stream is told how long it has to settle."""
+        self._closing = True
+        self._broadcast(pb.ConsumeResponse(draining=pb.Draining(deadline_ms=deadline_ms)))
+        self._wake.set()
+
+    def end_streams(self) -> None:
+        for stream in self.streams.values():
+            stream.outbox.put_nowait(None)
+
+    @property
+    def in_flight(self) -> tuple[int, int, int]:
+        """(batches, records, bytes) out with the app, over all streams."""
+        batches = records = size = 0
+        for stream in self.streams.values():
+            batches += len(stream.batches)
+            records += stream.out_records
+            size += stream.out_bytes
+        return batches, records, size
+
+    async def run(self) -> None:
+        """Sends batches whenever a stream has room and the batching policy says go."""
+        while True:
+            self._wake.clear()
+            wake_at = None if self._closing else self._dispatch(time.monotonic())
+            if wake_at is None:
+                await self._wake.wait()
+                continue
+            timeout = wake_at - time.monotonic()
+            if timeout > 0:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    def _dispatch(self, now: float) -> float | None:
+        """Sends what can go now; returns when to look again (linger, backoff, deadline)."""
+        self._expire(now)
+        self.backlog.release_due(now)
+        wake_at: float | None = None
+        streams = sorted(self.streams.values(), key=lambda s: s.out_records)
+        for stream in streams:
+            while (room := stream.room()) is not None:
+                max_records = min(room[0], self.config.batch.max_records)
+                max_bytes = min(room[1], self.config.batch.max_bytes)
+                busy = set(self._inflight)
+                ready_at = self.backlog.ready_at(busy, max_records, max_bytes, now)
+                if ready_at is None:
+                    break
+                if ready_at > now:
+                    wake_at = ready_at if wake_at is None else min(wake_at, ready_at)
+                    break
+                self._send_batch(stream, self.backlog.take(busy, max_records, max_bytes), now)
+        for candidate in (self.backlog.next_due(), self._next_deadline()):
+            if candidate is not None:
+                wake_at = candidate if wake_at is None else min(wake_at, candidate)
+        return wake_at
+
+    def _send_batch(self, stream: Stream, records: list[Pending], now: float) -> None:
+        batch = _Batch(
+            id=stream.next_batch_id,
+            deadline=now + self.config.ack_deadline_ms / 1000,
+            records={},
+        )
+        stream.next_batch_id += 1
+        for pending in records:
+            pending.attempts += 1
+            pending.record.delivery_attempt = pending.attempts
+            key = (pending.tp[0], pending.tp[1], pending.offset)
+            batch.records[key] = pending
+            stream.index[key] = batch.id
+            stream.out_records += 1
+            stream.out_bytes += pending.size
+            self._inflight[pending.tp] = self._inflight.get(pending.tp, 0) + 1
+        stream.batches[batch.id] = batch
+        self.delivered += len(records)
+        stream.send(
+            pb.ConsumeResponse(
+                batch=pb.Batch(batch_id=batch.id, records=[p.record for p in records])
+            )
+        )
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [b.deadline for s in self.streams.values() for b in s.batches.values()]
+        return min(deadlines) if deadlines else None
+
+    def _expire(self, now: float) -> None:
+        """Records unsettled past the ack deadline are redelivered as if nacked."""
+        for stream in self.streams.values():
+            for batch in [b for b in stream.batches.values() if b.deadline <= now]:
+                log.warning(
+                    "ack deadline passed; redelivering",
+                    extra={
+                        "subscription": self.config.name,
+                        "stream": stream.id,
+                        "batch_id": batch.id,
+                        "records": len(batch.records),
+                    },
+                )
+                for pending in list(batch.records.values()):
+                    self._take_back(stream, batch, pending)
+                    self.backlog.retry(pending, now + self._backoff(pending.attempts))
+                self._close_batch(stream, batch, pb.REJECT_REASON_UNKNOWN)
+
+
+_REJECT_MESSAGES: dict[int, str] = {
+    pb.REJECT_REASON_UNKNOWN: "no such batch or record is held by this stream",
+    pb.REJECT_REASON_ALREADY_SETTLED: "already settled",
+    pb.REJECT_REASON_REVOKED: "partition revoked: the record goes to its next owner",
+    pb.REJECT_REASON_INVALID: "invalid request",
+}
+
+
+class _Rejections:
+    """Collects refused refs of one ack/nack, grouped by reason, for `rejected` replies."""
+
+    def __init__(self) -> None:
+        self._by_reason: dict[int, pb.Rejected] = {}
+
+    def _for(self, reason: int) -> pb.Rejected:
+        rejected = self._by_reason.get(reason)
+        if rejected is None:
+            rejected = self._by_reason[reason] = pb.Rejected(reason=reason)  # type: ignore[arg-type]
+        return rejected
+
+    def batch(self, batch_id: int, reason: int) -> None:
+        self._for(reason).batch_ids.append(batch_id)
+
+    def record(self, ref: pb.RecordRef, reason: int) -> None:
+        self._for(reason).records.append(ref)
+
+    def send(self, stream: Stream, message: str | None = None) -> None:
+        for reason, rejected in self._by_reason.items():
+            rejected.message = message or _REJECT_MESSAGES[reason]
+            stream.send(pb.ConsumeResponse(rejected=rejected))
+
+
+def _tps(tps: Iterable[TopicPartition]) -> list[pb.TopicPartition]:
+    return [pb.TopicPartition(topic=t, partition=p) for t, p in sorted(tps)]

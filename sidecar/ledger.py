@@ -1,0 +1,231 @@
+"""Settlement ledger: which fetched records are settled, and which offset is safe to commit.
+
+At-least-once delivery (docs/DESIGN.md §4.1) rests on one rule: a partition's committed offset
+is the lowest offset not yet settled. Acks arrive in any order, so the commit point only moves
+forward over a contiguous run of settled records.
+
+Kafka offsets of fetched records increase strictly within a partition but are not contiguous:
+transaction markers and compaction leave gaps. The ledger therefore reasons only about the
+offsets it was handed and never assumes ``offset + 1`` is the next record, except after the last
+tracked one (which is exactly where the consumer will fetch next).
+
+This sits on the per-record hot path, so ``track`` and ``settle`` are O(1) amortized and memory is
+O(records from the commit point up to the last tracked one): settled records below the commit
+point are forgotten. The price of forgetting is that offsets below the commit point can no longer
+be told apart from gaps there; both count as already settled (see ``PartitionLedger.settle``).
+
+Pure code: no I/O, no asyncio, no Kafka client, so it can be tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from typing import TypeAlias
+
+TopicPartition: TypeAlias = tuple[str, int]
+"""(topic, partition)."""
+
+
+class SettleOutcome(enum.Enum):
+    """What a settlement did, so callers can tell a first ack from a duplicate or a stray."""
+
+    SETTLED = "settled"
+    """The record was owed a settlement and now has it."""
+    ALREADY_SETTLED = "already_settled"
+    """Nothing owed here any more: a duplicate ack, or an offset below the commit point."""
+    UNKNOWN = "unknown"
+    """This ledger never handed out the offset (a gap, not fetched yet, or another assignment)."""
+
+
+# Module constants spare the hot path an attribute lookup per call.
+_SETTLED = SettleOutcome.SETTLED
+_ALREADY_SETTLED = SettleOutcome.ALREADY_SETTLED
+_UNKNOWN = SettleOutcome.UNKNOWN
+
+
+class PartitionLedger:
+    """Settlement state of one partition for one assignment.
+
+    Holds only the *window*: the tracked records from the commit point (the lowest unsettled
+    one) up to the last tracked. ``_order`` lists the window's offsets in order so the head can be
+    popped in O(1); ``_window`` maps each of them to whether it is settled, so a settle finds its
+    record in O(1) and a gap (absent from the map) is recognised as such. Invariant: the window is
+    empty or its first record is unsettled, so the commit point is read off in O(1).
+    """
+
+    __slots__ = ("_next", "_order", "_start", "_unsettled", "_window")
+
+    def __init__(self, start_offset: int) -> None:
+        """``start_offset`` is where the consumer fetches from: the committed offset, or the reset
+        point. Nothing below it was handed out by this ledger, so nothing below it can be settled
+        here."""
+        if start_offset < 0:
+            raise ValueError(f"start offset must be a real position (>= 0), got {start_offset}")
+        self._start = start_offset
+        self._next = start_offset
+        self._order: deque[int] = deque()
+        self._window: dict[int, bool] = {}
+        self._unsettled = 0
+
+    def track(self, offset: int) -> None:
+        """Record that the record at ``offset`` was fetched and is now owed a settlement.
+
+        Raises ValueError unless ``offset`` is above every tracked offset and at or above the
+        start offset: an offset out of order means the consumer was repositioned without a new
+        assignment, and silently accepting it could commit past records never delivered.
+        """
+        if offset < self._next:
+            if self._next != self._start:
+                raise ValueError(
+                    f"offset {offset} tracked out of order: expected >= {self._next} "
+                    "(after the last tracked offset)"
+                )
+            raise ValueError(f"offset {offset} is below the start offset {self._start}")
+        self._order.append(offset)
+        self._window[offset] = False
+        self._next = offset + 1
+        self._unsettled += 1
+
+    def settle(self, offset: int) -> SettleOutcome:
+        """Settle the record at ``offset`` (acked, or dead-lettered with the DLQ write confirmed).
+
+        - SETTLED: it was tracked and unsettled; the commit point may now move forward.
+        - ALREADY_SETTLED: settled before, or anywhere in [start offset, commit point). Below the
+          commit point this ledger keeps no per-offset memory, so a never-tracked gap there is
+          reported the same way; that is harmless because nothing is owed there and the commit
+          point cannot move because of it.
+        - UNKNOWN: never handed out by this ledger: below the start offset (e.g. a late ack from a
+          previous assignment), a gap at or above the commit point, or not yet tracked. A settle
+          before its track changes nothing: the record is owed once it is tracked.
+        """
+        window = self._window
+        settled = window.get(offset)
+        if settled is None:
+            if self._start <= offset < self.commit_offset():
+                return _ALREADY_SETTLED
+            return _UNKNOWN
+        if settled:
+            return _ALREADY_SETTLED
+        self._unsettled -= 1
+        order = self._order
+        if offset != order[0]:
+            window[offset] = True
+            return _SETTLED
+        # The head was settled: drop it and every settled record right behind it.
+        del window[order.popleft()]
+        while order and window[order[0]]:
+            del window[order.popleft()]
+        return _SETTLED
+
+    def is_settled(self, offset: int) -> bool:
+        """Whether nothing is owed at ``offset``; true exactly when ``settle(offset)`` would
+        answer ALREADY_SETTLED, so a check-then-settle caller sees one consistent story."""
+        settled = self._window.get(offset)
+        if settled is None:
+            return self._start <= offset < self.commit_offset()
+        return settled
+
+    def commit_offset(self) -> int:
+        """The offset safe to commit: the lowest tracked unsettled offset, or if every tracked
+        record is settled, where the consumer fetches next (last tracked + 1, or the start)."""
+        return self._order[0] if self._order else self._next
+
+    @property
+    def unsettled(self) -> int:
+        """Tracked records still owed a settlement."""
+        return self._unsettled
+
+    @property
+    def next_offset(self) -> int:
+        """Last tracked offset + 1, or the start offset when nothing was tracked."""
+        return self._next
+
+
+class Ledger:
+    """Settlement state of every partition assigned to one consumer.
+
+    Also remembers, per partition, the last offset the broker confirmed as committed (initially
+    the assigned start offset), so ``pending_commits`` only offers offsets that moved and a late
+    or stale confirmation can never move a partition's committed offset backwards or past an
+    unsettled record.
+    """
+
+    __slots__ = ("_committed", "_partitions")
+
+    def __init__(self) -> None:
+        self._partitions: dict[TopicPartition, PartitionLedger] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def assign(self, tp: TopicPartition, start_offset: int) -> None:
+        """Start a fresh ledger for ``tp`` at ``start_offset``, replacing any previous one.
+
+        A reassignment starts from scratch on purpose: records of the previous assignment may
+        have been redelivered to another consumer and must be tracked anew.
+        """
+        self._partitions[tp] = PartitionLedger(start_offset)
+        self._committed[tp] = start_offset
+
+    def revoke(self, tp: TopicPartition) -> PartitionLedger | None:
+        """Forget ``tp``; returns its ledger (None if it was not assigned) so the caller can still
+        read its final commit point and what was left unsettled."""
+        self._committed.pop(tp, None)
+        return self._partitions.pop(tp, None)
+
+    def partition(self, tp: TopicPartition) -> PartitionLedger | None:
+        """The ledger of ``tp``, or None if it is not assigned."""
+        return self._partitions.get(tp)
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        """Track a fetched record. Raises KeyError if ``tp`` is not assigned, because fetching
+        for a partition this consumer does not own is a bug upstream, not a race to absorb."""
+        self._partitions[tp].track(offset)
+
+    def settle(self, tp: TopicPartition, offset: int) -> SettleOutcome:
+        """Settle a record. UNKNOWN if ``tp`` is not assigned: acks for revoked partitions are
+        expected (the app finishes in-flight work) and must not resurrect anything."""
+        ledger = self._partitions.get(tp)
+        if ledger is None:
+            return _UNKNOWN
+        return ledger.settle(offset)
+
+    def pending_commits(self) -> dict[TopicPartition, int]:
+        """Offsets worth committing: the partitions whose commit point moved past the last
+        confirmed commit (or the start offset), so idle partitions cost no commit traffic."""
+        committed = self._committed
+        pending: dict[TopicPartition, int] = {}
+        for tp, ledger in self._partitions.items():
+            offset = ledger.commit_offset()
+            if offset > committed[tp]:
+                pending[tp] = offset
+        return pending
+
+    def mark_committed(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Record offsets the broker confirmed as committed.
+
+        Ignored per partition: not assigned any more (a confirmation that raced a revoke), not
+        above what is already recorded (confirmations may complete out of order), or beyond the
+        partition's commit point. The last can only come from a commit issued for a previous
+        assignment of the partition; recording it would claim records of this assignment are
+        safe before they are settled.
+        """
+        committed = self._committed
+        for tp, offset in offsets.items():
+            ledger = self._partitions.get(tp)
+            if ledger is not None and committed[tp] < offset <= ledger.commit_offset():
+                committed[tp] = offset
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        """The last confirmed commit of ``tp`` in this assignment (initially its start offset),
+        or None if it is not assigned."""
+        return self._committed.get(tp)
+
+    @property
+    def unsettled(self) -> int:
+        """Records still owed a settlement, over all assigned partitions."""
+        return sum(ledger.unsettled for ledger in self._partitions.values())
+
+    def partitions(self) -> list[TopicPartition]:
+        """The assigned partitions."""
+        return list(self._partitions)

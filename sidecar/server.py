@@ -1,0 +1,251 @@
+"""The app-facing gRPC server: ConsumerService, health and reflection.
+
+A thin shell: each Consume stream is an outbox the dispatcher fills (written here) and a
+reader task that feeds acks and nacks back to it. Stream errors that the contract names
+(no or duplicate `open`, unknown subscription, bad token) end only that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kafkasidecar.v1 import consumer_pb2 as pb
+from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
+
+from sidecar import __version__
+from sidecar.dispatcher import Dispatcher, Stream
+
+log = logging.getLogger("sidecar.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConsumerService"].full_name
+#: An `open` that does not come within this long is a broken client, not a slow one.
+OPEN_TIMEOUT_S = 30.0
+_MODES = {"group": pb.SUBSCRIPTION_MODE_GROUP, "snapshot": pb.SUBSCRIPTION_MODE_SNAPSHOT}
+
+StreamError = tuple[grpc.StatusCode, str]
+
+
+class ConsumerService(pb_grpc.ConsumerServiceServicer):
+    def __init__(self, dispatchers: Mapping[str, Dispatcher], auth_token: str | None) -> None:
+        self._dispatchers = dispatchers
+        self._auth_token = auth_token
+        self.shutting_down = False
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._auth_token is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get("authorization", "")
+        expected = f"Bearer {self._auth_token}"
+        if not given:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing authorization: Bearer <token> metadata"
+            )
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong bearer token")
+
+    async def Consume(
+        self,
+        request_iterator: AsyncIterator[pb.ConsumeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ConsumeResponse]:
+        await self._authorize(context)
+        first = await self._first(request_iterator, context)
+        if first.WhichOneof("kind") != "open":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first request on a stream must be `open`"
+            )
+        name = first.open.subscription
+        dispatcher = self._dispatchers.get(name)
+        if dispatcher is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown subscription {name!r}; configured: {sorted(self._dispatchers)}",
+            )
+            return
+        if self.shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
+        stream = dispatcher.attach(first.open, context.peer())
+        reader = asyncio.create_task(self._read(request_iterator, dispatcher, stream))
+        try:
+            while True:
+                message = await stream.outbox.get()
+                if message is None:
+                    break
+                yield message
+            error = reader.result() if reader.done() else None
+            if error is not None:
+                await context.abort(*error)
+            if self.shutting_down:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar shut down")
+        finally:
+            reader.cancel()
+            dispatcher.detach(stream)
+
+    async def _first(
+        self, requests: AsyncIterator[pb.ConsumeRequest], context: grpc.aio.ServicerContext
+    ) -> pb.ConsumeRequest:
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                return await anext(requests)
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before `open`")
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"no `open` within {OPEN_TIMEOUT_S:.0f}s"
+            )
+        raise AssertionError("unreachable: abort raises")
+
+    async def _read(
+        self,
+        requests: AsyncIterator[pb.ConsumeRequest],
+        dispatcher: Dispatcher,
+        stream: Stream,
+    ) -> StreamError | None:
+        """Feeds acks and nacks to the dispatcher; the stream ends when this returns."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "ack":
+                    dispatcher.ack(stream, request.ack)
+                elif kind == "nack":
+                    dispatcher.nack(stream, request.nack)
+                elif kind == "drain":
+                    dispatcher.drain(stream)
+                elif kind == "open":
+                    return (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "`open` was already sent on this stream",
+                    )
+                else:
+                    return grpc.StatusCode.INVALID_ARGUMENT, "empty ConsumeRequest"
+            return None
+        finally:
+            stream.outbox.put_nowait(None)
+
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatusResponse:
+        await self._authorize(context)
+        names = [request.subscription] if request.subscription else sorted(self._dispatchers)
+        response = pb.GetStatusResponse(version=__version__)
+        for name in names:
+            dispatcher = self._dispatchers.get(name)
+            if dispatcher is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown subscription {name!r}")
+                raise AssertionError("unreachable")
+            response.subscriptions.append(subscription_status(dispatcher))
+        return response
+
+    async def ResetOffsets(
+        self, request: pb.ResetOffsetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetOffsetsResponse:
+        await self._authorize(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ResetOffsets is not available yet")
+        raise AssertionError("unreachable")
+
+
+def subscription_status(dispatcher: Dispatcher) -> pb.SubscriptionStatus:
+    config = dispatcher.config
+    batches, records, size = dispatcher.in_flight
+    status = pb.SubscriptionStatus(
+        name=config.name,
+        mode=_MODES[config.mode],
+        group_id=config.group_id or "",
+        topics=config.topics,
+        streams=len(dispatcher.streams),
+        in_flight_batches=batches,
+        in_flight_records=records,
+        in_flight_bytes=size,
+        serving=True,
+        state="consuming" if dispatcher.streams else "waiting for a stream",
+    )
+    for topic, partition in sorted(dispatcher.assigned):
+        committed = dispatcher.ledger.committed((topic, partition))
+        ledger = dispatcher.ledger.partition((topic, partition))
+        status.partitions.append(
+            pb.PartitionStatus(
+                topic=topic,
+                partition=partition,
+                committed_offset=-1 if committed is None else committed,
+                position=ledger.next_offset if ledger else -1,
+                in_flight_records=ledger.unsettled if ledger else 0,
+            )
+        )
+    return status
+
+
+class Server:
+    """grpc.aio server on the configured addresses (TCP and/or Unix socket)."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        dispatchers: Mapping[str, Dispatcher],
+        auth_token: str | None,
+    ) -> None:
+        self.addresses = addresses
+        self.service = ConsumerService(dispatchers, auth_token)
+        self.health = health.aio.HealthServicer()
+        self._subscriptions = list(dispatchers)
+        self._server = grpc.aio.server(
+            options=[
+                # Batches are capped by batch.max_bytes, but one record may exceed it.
+                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        )
+        pb_grpc.add_ConsumerServiceServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        self.bound: list[str] = []
+
+    async def start(self) -> None:
+        for address in self.addresses:
+            if address.startswith("unix://"):
+                # Once at startup, before serving: blocking file calls are harmless here.
+                path = Path(address.removeprefix("unix://"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_socket():  # noqa: ASYNC240
+                    path.unlink()  # noqa: ASYNC240 - left by a killed predecessor
+            try:
+                port = self._server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise OSError(f"listen.grpc: cannot listen on {address}: {exc}") from exc
+            if not address.startswith("unix://") and port == 0:
+                raise OSError(f"listen.grpc: cannot listen on {address}")
+            bound = address
+            if not address.startswith("unix://") and address.endswith(":0"):
+                bound = f"{address.rsplit(':', 1)[0]}:{port}"
+            self.bound.append(bound)
+        await self._server.start()
+        await self.set_health("", serving=False)
+        for name in self._subscriptions:
+            await self.set_health(name, serving=False)
+        log.info("listening", extra={"addresses": self.bound, "pid": os.getpid()})
+
+    async def set_health(self, service: str, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(service, status)
+        if service == "":
+            await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
