@@ -54,11 +54,15 @@ class GroupConsumer:
         self.config = config
         self.dispatcher = dispatcher
         self.ledger = ledger
+        self._client_kwargs = client_kwargs
         self._stopping = False
         self._paused: set[TopicPartition] = set()
-        consumer = config.consumer
-        self.consumer = AIOKafkaConsumer(
-            group_id=config.group_id,
+        self.consumer = self._new_consumer()
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        consumer = self.config.consumer
+        return AIOKafkaConsumer(
+            group_id=self.config.group_id,
             enable_auto_commit=False,
             auto_offset_reset=consumer.auto_offset_reset,
             session_timeout_ms=consumer.session_timeout_ms,
@@ -66,16 +70,26 @@ class GroupConsumer:
             max_poll_interval_ms=consumer.max_poll_interval_ms,
             # The revoke grace runs inside the rebalance, so the broker must wait for it.
             rebalance_timeout_ms=consumer.rebalance_timeout_ms
-            or max(consumer.session_timeout_ms, config.revoke_grace_ms + 5000),
+            or max(consumer.session_timeout_ms, self.config.revoke_grace_ms + 5000),
             fetch_max_bytes=consumer.fetch_max_bytes,
             max_partition_fetch_bytes=consumer.max_partition_fetch_bytes,
             group_instance_id=consumer.group_instance_id,
-            **client_kwargs,
+            **self._client_kwargs,
         )
 
     async def start(self) -> None:
+        """Joins the group. A consumer that left (or failed to start) is replaced: aiokafka
+        consumers cannot be restarted."""
+        if self.consumer._closed:
+            self.consumer = self._new_consumer()
+        self._stopping = False
+        self._paused.clear()
         self.consumer.subscribe(self.config.topics, listener=_Rebalance(self))
-        await self.consumer.start()
+        try:
+            await self.consumer.start()
+        except BaseException:
+            await close_consumer(self.consumer)
+            raise
 
     async def run(self) -> None:
         """The poll loop. Never blocks on the app: a full backlog pauses, it doesn't wait."""
@@ -150,11 +164,16 @@ class GroupConsumer:
         )
 
     async def stop(self) -> None:
-        """Final commit, then leave the group so the partitions move on at once."""
+        """Final commit, then leave the group so the partitions move on at once. What was
+        not settled is dropped here and redelivered by the partitions' next owner."""
         self._stopping = True
         with contextlib.suppress(Exception):
             await self.commit()
         await close_consumer(self.consumer)
+        tps = set(self.dispatcher.assigned)
+        self.dispatcher.revoke(tps)
+        for tp in tps:
+            self.ledger.revoke(tp)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -162,10 +181,17 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Stop sending the partitions, give the app `revoke_grace_ms` to settle what it holds
+        (heartbeats go on meanwhile), commit, then let the rest go to the next owner."""
         owner = self._owner
         tps = {(tp.topic, tp.partition) for tp in revoked}
         if not tps:
             return
+        owner.dispatcher.begin_revoke(tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + owner.config.revoke_grace_ms / 1000
+        while owner.dispatcher.unsettled_in(tps) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         await owner.commit(only=tps)
         owner.dispatcher.revoke(tps)
         for tp in tps:

@@ -23,6 +23,7 @@ from kafkasidecar.v1 import consumer_pb2 as pb
 from sidecar import __version__
 from sidecar.batcher import Backlog, BatchLimits, Pending, TopicPartition
 from sidecar.config import SubscriptionConfig
+from sidecar.deadletters import DeadLetter
 from sidecar.ledger import Ledger, SettleOutcome
 
 log = logging.getLogger("sidecar.dispatcher")
@@ -111,10 +112,19 @@ def to_pending(message: Any, now: float) -> Pending:
 class Dispatcher:
     """Backlog → batches → streams, and acks/nacks → ledger, for one subscription."""
 
-    def __init__(self, config: SubscriptionConfig, ledger: Ledger, *, group_id: str = "") -> None:
+    def __init__(
+        self,
+        config: SubscriptionConfig,
+        ledger: Ledger,
+        *,
+        group_id: str = "",
+        dead_letters: asyncio.Queue[DeadLetter] | None = None,
+    ) -> None:
         self.config = config
         self.ledger = ledger
         self.group_id = group_id
+        #: Where records go that the app gave up on; None when no dead_letter topic is set.
+        self.dead_letters = dead_letters
         self.backlog = Backlog(
             BatchLimits(
                 config.batch.max_records, config.batch.max_bytes, config.batch.max_wait_ms / 1000
@@ -125,7 +135,12 @@ class Dispatcher:
         self.assigned: set[TopicPartition] = set()
         #: Partitions revoked since they were last assigned: acks for them say REVOKED.
         self.revoked: set[TopicPartition] = set()
+        #: Partitions being revoked: no new deliveries, acks still welcome (revoke grace).
+        self.revoking: set[TopicPartition] = set()
+        #: Records out with the app or on their way to the DLQ, per partition.
         self._inflight: dict[TopicPartition, int] = {}
+        #: Set whenever a stream attaches or detaches (the group membership follows streams).
+        self.streams_changed = asyncio.Event()
         self._stream_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
@@ -172,6 +187,7 @@ class Dispatcher:
                 )
             )
         self.streams[stream.id] = stream
+        self.streams_changed.set()
         log.info(
             "stream attached",
             extra={"subscription": self.config.name, "stream": stream.id, "client": peer},
@@ -183,6 +199,7 @@ class Dispatcher:
         """The stream ended: what it held goes back to the backlog for another stream."""
         if self.streams.pop(stream.id, None) is None:
             return
+        self.streams_changed.set()
         now = time.monotonic()
         returned = 0
         for batch in stream.batches.values():
@@ -209,7 +226,9 @@ class Dispatcher:
 
     def add(self, tp: TopicPartition, records: list[Any]) -> None:
         """Fetched records of one partition, in offset order."""
-        if not records:
+        if not records or tp in self.revoking:
+            # A revoking partition's records belong to its next owner; not tracking them keeps
+            # the commit from passing them.
             return
         if self.ledger.partition(tp) is None:
             # The first record fetched after assignment is where this owner's ledger starts.
@@ -230,9 +249,21 @@ class Dispatcher:
             pb.ConsumeResponse(partitions_assigned=pb.PartitionsAssigned(partitions=_tps(tps)))
         )
 
+    def begin_revoke(self, tps: Iterable[TopicPartition]) -> None:
+        """Stops delivering these partitions; what the app holds may still be settled."""
+        tps = set(tps) & self.assigned
+        self.revoking |= tps
+        self.backlog.drop(tps)
+
+    def unsettled_in(self, tps: set[TopicPartition]) -> int:
+        """Records of these partitions out with the app or on their way to the DLQ."""
+        return sum(self._inflight.get(tp, 0) for tp in tps)
+
     def revoke(self, tps: Iterable[TopicPartition]) -> None:
         """Drops the partitions' records, buffered and in flight; the next owner gets them."""
-        tps = set(tps) & self.assigned
+        tps = set(tps)
+        self.revoking -= tps
+        tps &= self.assigned
         if not tps:
             return
         self.assigned -= tps
@@ -276,13 +307,22 @@ class Dispatcher:
 
     def nack(self, stream: Stream, request: pb.Nack) -> None:
         rejected = _Rejections()
-        if request.action == pb.NACK_ACTION_DEAD_LETTER:
-            # Dead-lettering arrives with the dead-letter producer; until then say so plainly.
+        dead_letter = request.action == pb.NACK_ACTION_DEAD_LETTER
+        if request.action not in (
+            pb.NACK_ACTION_UNSPECIFIED,
+            pb.NACK_ACTION_RETRY,
+            pb.NACK_ACTION_DEAD_LETTER,
+        ) or (dead_letter and self.dead_letters is None):
             for batch_id in request.batch_ids:
                 rejected.batch(batch_id, pb.REJECT_REASON_INVALID)
             for ref in request.records:
                 rejected.record(ref, pb.REJECT_REASON_INVALID)
-            rejected.send(stream, "dead-lettering is not available on this subscription")
+            rejected.send(
+                stream,
+                f"subscription {self.config.name!r} has no dead_letter topic"
+                if dead_letter
+                else f"unknown nack action {request.action}",
+            )
             return
         targets: list[tuple[_Batch, Pending]] = []
         for batch_id in request.batch_ids:
@@ -298,22 +338,43 @@ class Dispatcher:
             else:
                 rejected.record(ref, found)
         now = time.monotonic()
+        reason = request.reason or ("nacked" if dead_letter else "retries exhausted")
         for batch, pending in targets:
             self._take_back(stream, batch, pending)
-            delay = (
-                request.retry_after_ms / 1000
-                if request.retry_after_ms
-                else self._backoff(pending.attempts)
-            )
-            self.backlog.retry(pending, now + delay)
+            if dead_letter:
+                self._dead_letter(pending, reason)
+            else:
+                self._retry(pending, now, request.retry_after_ms / 1000, reason)
         rejected.send(stream)
+        self._wake.set()
+
+    def _retry(self, pending: Pending, now: float, delay: float, reason: str) -> None:
+        """Back to the backlog after a backoff, or to the DLQ once attempts run out."""
+        if pending.attempts >= self.config.retry.max_attempts and self.dead_letters is not None:
+            self._dead_letter(
+                pending, f"{reason} (gave up after {pending.attempts} delivery attempts)"
+            )
+            return
+        # Without a DLQ a record is never dropped: it keeps coming back at the max backoff.
+        self.backlog.retry(pending, now + (delay or self._backoff(pending.attempts)))
+
+    def _dead_letter(self, pending: Pending, reason: str) -> None:
+        assert self.dead_letters is not None
+        self._inflight[pending.tp] = self._inflight.get(pending.tp, 0) + 1
+        self.dead_letters.put_nowait(DeadLetter(pending, reason))
+
+    def dead_lettered(self, pending: Pending) -> None:
+        """The broker confirmed the DLQ write: now, and only now, the record is settled."""
+        if pending.tp in self.assigned or pending.tp in self.revoking:
+            self._release(pending.tp)
+            self.ledger.settle(pending.tp, pending.offset)
         self._wake.set()
 
     def _backoff(self, attempts: int) -> float:
         """Exponential, capped, with jitter so a burst of nacks doesn't return as a burst."""
         retry = self.config.retry
         ceiling = min(
-            retry.initial_backoff_ms * retry.multiplier ** max(attempts - 1, 0),
+            retry.initial_backoff_ms * retry.multiplier ** min(max(attempts - 1, 0), 64),
             retry.max_backoff_ms,
         )
         return (ceiling / 2 + random.uniform(0, ceiling / 2)) / 1000
@@ -391,6 +452,11 @@ class Dispatcher:
             stream.outbox.put_nowait(None)
 
     @property
+    def unsettled(self) -> int:
+        """Records out with the app or on their way to the DLQ: what shutdown waits for."""
+        return sum(self._inflight.values())
+
+    @property
     def in_flight(self) -> tuple[int, int, int]:
         """(batches, records, bytes) out with the app, over all streams."""
         batches = records = size = 0
@@ -426,7 +492,9 @@ class Dispatcher:
             while (room := stream.room()) is not None:
                 max_records = min(room[0], self.config.batch.max_records)
                 max_bytes = min(room[1], self.config.batch.max_bytes)
-                busy = set(self._inflight)
+                # Under partition ordering a partition waits while any of its records is out
+                # with the app or on its way to the DLQ; revoking partitions get nothing new.
+                busy = set(self._inflight) | self.revoking
                 ready_at = self.backlog.ready_at(busy, max_records, max_bytes, now)
                 if ready_at is None:
                     break
@@ -482,7 +550,7 @@ class Dispatcher:
                 )
                 for pending in list(batch.records.values()):
                     self._take_back(stream, batch, pending)
-                    self.backlog.retry(pending, now + self._backoff(pending.attempts))
+                    self._retry(pending, now, 0, "ack deadline passed")
                 self._close_batch(stream, batch, pb.REJECT_REASON_UNKNOWN)
 
 

@@ -31,8 +31,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class BrokerReconnects(logging.Filter):
+    """aiokafka logs every dropped broker connection at error level. On MSK that happens at
+    every session end (about every 15 minutes per connection: aiokafka cannot
+    re-authenticate, KIP-368) and aiokafka reconnects by itself, so these are routine:
+    logged at info, and counted."""
+
+    _SIGNS = ("KafkaConnectionError", "coordinator dead", "Connection at ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and record.name.startswith("aiokafka"):
+            message = record.getMessage()
+            if any(sign in message for sign in self._SIGNS):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                self.count += 1
+        return True
+
+
+#: Counts broker disconnects aiokafka recovered from (for metrics).
+broker_reconnects = BrokerReconnects()
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(broker_reconnects)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

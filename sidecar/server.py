@@ -183,6 +183,14 @@ def subscription_status(dispatcher: Dispatcher) -> pb.SubscriptionStatus:
     return status
 
 
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
 class Server:
     """grpc.aio server on the configured addresses (TCP and/or Unix socket)."""
 
@@ -196,6 +204,7 @@ class Server:
         self.service = ConsumerService(dispatchers, auth_token)
         self.health = health.aio.HealthServicer()
         self._subscriptions = list(dispatchers)
+        self._serving: dict[str, bool] = {}
         self._server = grpc.aio.server(
             options=[
                 # Batches are capped by batch.max_bytes, but one record may exceed it.
@@ -231,20 +240,17 @@ class Server:
                 bound = f"{address.rsplit(':', 1)[0]}:{port}"
             self.bound.append(bound)
         await self._server.start()
-        await self.set_health("", serving=False)
         for name in self._subscriptions:
             await self.set_health(name, serving=False)
         log.info("listening", extra={"addresses": self.bound, "pid": os.getpid()})
 
-    async def set_health(self, service: str, *, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set(service, status)
-        if service == "":
-            await self.health.set(SERVICE_NAME, status)
+    async def set_health(self, subscription: str, *, serving: bool) -> None:
+        """One subscription's health; the overall status is SERVING only if all are."""
+        self._serving[subscription] = serving
+        await self.health.set(subscription, _status(serving))
+        overall = _status(all(self._serving.values()))
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, overall)
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
