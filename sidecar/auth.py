@@ -155,6 +155,8 @@ class MskIamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         self._token: str | None = None
         self.expires_at = 0.0
         self.refreshes = 0
+        #: Signing attempts that failed (no credentials, STS errors), for metrics.
+        self.failures = 0
         self._signing: asyncio.Task[str] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
@@ -216,8 +218,10 @@ class MskIamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         try:
             signed = await asyncio.get_running_loop().run_in_executor(None, self._sign_blocking)
         except AuthError:
+            self.failures += 1
             raise
         except Exception as e:
+            self.failures += 1
             # Anything else would escape aiokafka's connect and kill its background tasks.
             log.exception("kafka.aws: unexpected error while signing an MSK IAM token")
             raise AuthError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -41,6 +43,16 @@ async def close_consumer(consumer: AIOKafkaConsumer) -> None:
         await consumer._client.close()
 
 
+@dataclass(slots=True)
+class ConsumerStats:
+    """Running totals for metrics."""
+
+    commits: int = 0
+    commit_failures: int = 0
+    commit_seconds: float = 0.0
+    rebalances: int = 0
+
+
 class GroupConsumer:
     """Fetch → dispatcher, ledger → commits, for one `mode: group` subscription."""
 
@@ -55,6 +67,7 @@ class GroupConsumer:
         self.dispatcher = dispatcher
         self.ledger = ledger
         self._client_kwargs = client_kwargs
+        self.stats = ConsumerStats()
         self._stopping = False
         self._paused: set[TopicPartition] = set()
         self.consumer = self._new_consumer()
@@ -145,15 +158,19 @@ class GroupConsumer:
             TopicPartition(topic, partition): OffsetAndMetadata(offset, "")
             for (topic, partition), offset in pending.items()
         }
+        started = time.perf_counter()
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
             # Rebalancing or a broker hiccup: the ledger still holds it; next tick retries.
+            self.stats.commit_failures += 1
             log.info(
                 "commit deferred",
                 extra={"subscription": self.config.name, "error": repr(exc)},
             )
             return
+        self.stats.commits += 1
+        self.stats.commit_seconds += time.perf_counter() - started
         self.ledger.mark_committed(pending)
         log.debug(
             "committed",
@@ -187,6 +204,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         tps = {(tp.topic, tp.partition) for tp in revoked}
         if not tps:
             return
+        owner.stats.rebalances += 1
         owner.dispatcher.begin_revoke(tps)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + owner.config.revoke_grace_ms / 1000

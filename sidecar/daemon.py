@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from sidecar import logs
+from sidecar import logs, metrics
 from sidecar.auth import AuthError, MskIamTokenProvider, client_kwargs
 from sidecar.config import SidecarConfig, SubscriptionConfig
 from sidecar.consumer import GroupConsumer
@@ -113,6 +113,8 @@ class Sidecar:
         )
         try:
             await server.start()
+            if config.listen.metrics:
+                metrics.serve(config.listen.metrics, subscriptions, token_provider, server.serving)
         except OSError as exc:
             log.error(str(exc))
             await self._stop_writers(subscriptions)

@@ -34,6 +34,25 @@ _ORDERINGS = {"partition": pb.ORDERING_PARTITION, "none": pb.ORDERING_NONE}
 _CLOSED_BATCH_MEMORY = 10_000
 
 
+@dataclass(slots=True)
+class DispatchStats:
+    """Running totals for metrics: plain ints, so the hot path pays no metrics library."""
+
+    #: Records sent to apps, redeliveries included.
+    delivered: int = 0
+    #: Of those, deliveries after the first (retry, ack deadline, stream loss).
+    redelivered: int = 0
+    acked: int = 0
+    nacked_retry: int = 0
+    nacked_dead_letter: int = 0
+    #: Records whose ack deadline passed (then retried or dead-lettered).
+    deadline_expired: int = 0
+    #: Records handed back because their stream ended unsettled.
+    stream_lost: int = 0
+    #: Refs in acks/nacks that were refused (unknown, already settled, revoked, invalid).
+    rejected: int = 0
+
+
 @dataclass(slots=True, eq=False)
 class _Batch:
     id: int
@@ -144,7 +163,7 @@ class Dispatcher:
         self._stream_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
-        self.delivered = 0
+        self.stats = DispatchStats()
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -207,6 +226,7 @@ class Dispatcher:
                 self._release(pending.tp)
                 self.backlog.retry(pending, now)
                 returned += 1
+        self.stats.stream_lost += returned
         stream.batches.clear()
         stream.index.clear()
         log.info(
@@ -302,7 +322,7 @@ class Dispatcher:
                 self._settle(stream, *found)
             else:
                 rejected.record(ref, found)
-        rejected.send(stream)
+        self.stats.rejected += rejected.send(stream)
         self._wake.set()
 
     def nack(self, stream: Stream, request: pb.Nack) -> None:
@@ -317,7 +337,7 @@ class Dispatcher:
                 rejected.batch(batch_id, pb.REJECT_REASON_INVALID)
             for ref in request.records:
                 rejected.record(ref, pb.REJECT_REASON_INVALID)
-            rejected.send(
+            self.stats.rejected += rejected.send(
                 stream,
                 f"subscription {self.config.name!r} has no dead_letter topic"
                 if dead_letter
@@ -339,13 +359,17 @@ class Dispatcher:
                 rejected.record(ref, found)
         now = time.monotonic()
         reason = request.reason or ("nacked" if dead_letter else "retries exhausted")
+        if dead_letter:
+            self.stats.nacked_dead_letter += len(targets)
+        else:
+            self.stats.nacked_retry += len(targets)
         for batch, pending in targets:
             self._take_back(stream, batch, pending)
             if dead_letter:
                 self._dead_letter(pending, reason)
             else:
                 self._retry(pending, now, request.retry_after_ms / 1000, reason)
-        rejected.send(stream)
+        self.stats.rejected += rejected.send(stream)
         self._wake.set()
 
     def _retry(self, pending: Pending, now: float, delay: float, reason: str) -> None:
@@ -403,6 +427,7 @@ class Dispatcher:
         return pb.REJECT_REASON_UNKNOWN
 
     def _settle(self, stream: Stream, batch: _Batch, pending: Pending) -> None:
+        self.stats.acked += 1
         self._take_back(stream, batch, pending)
         outcome = self.ledger.settle(pending.tp, pending.offset)
         if outcome is not SettleOutcome.SETTLED:  # pragma: no cover - a bookkeeping bug
@@ -514,7 +539,10 @@ class Dispatcher:
             records={},
         )
         stream.next_batch_id += 1
+        redelivered = 0
         for pending in records:
+            if pending.attempts:
+                redelivered += 1
             pending.attempts += 1
             pending.record.delivery_attempt = pending.attempts
             key = (pending.tp[0], pending.tp[1], pending.offset)
@@ -524,7 +552,8 @@ class Dispatcher:
             stream.out_bytes += pending.size
             self._inflight[pending.tp] = self._inflight.get(pending.tp, 0) + 1
         stream.batches[batch.id] = batch
-        self.delivered += len(records)
+        self.stats.delivered += len(records)
+        self.stats.redelivered += redelivered
         stream.send(
             pb.ConsumeResponse(
                 batch=pb.Batch(batch_id=batch.id, records=[p.record for p in records])
@@ -548,6 +577,7 @@ class Dispatcher:
                         "records": len(batch.records),
                     },
                 )
+                self.stats.deadline_expired += len(batch.records)
                 for pending in list(batch.records.values()):
                     self._take_back(stream, batch, pending)
                     self._retry(pending, now, 0, "ack deadline passed")
@@ -580,10 +610,14 @@ class _Rejections:
     def record(self, ref: pb.RecordRef, reason: int) -> None:
         self._for(reason).records.append(ref)
 
-    def send(self, stream: Stream, message: str | None = None) -> None:
+    def send(self, stream: Stream, message: str | None = None) -> int:
+        """Sends one `rejected` per reason; returns how many refs were refused."""
+        refused = 0
         for reason, rejected in self._by_reason.items():
             rejected.message = message or _REJECT_MESSAGES[reason]
             stream.send(pb.ConsumeResponse(rejected=rejected))
+            refused += len(rejected.batch_ids) + len(rejected.records)
+        return refused
 
 
 def _tps(tps: Iterable[TopicPartition]) -> list[pb.TopicPartition]:

@@ -69,3 +69,7 @@ def configure(level: str, fmt: str) -> None:
     # aiokafka logs every reconnect at error level; MSK ends sessions every token lifetime,
     # so those are routine here. Keep its warnings, drop its noise.
     logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # botocore's debug output includes canonical requests and signatures: an MSK IAM token
+    # could be rebuilt from it. Never let it through, whatever the configured level.
+    for name in ("botocore", "boto3", "urllib3", "aws_msk_iam_sasl_signer"):
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))

@@ -204,7 +204,7 @@ class Server:
         self.service = ConsumerService(dispatchers, auth_token)
         self.health = health.aio.HealthServicer()
         self._subscriptions = list(dispatchers)
-        self._serving: dict[str, bool] = {}
+        self.serving: dict[str, bool] = {}
         self._server = grpc.aio.server(
             options=[
                 # Batches are capped by batch.max_bytes, but one record may exceed it.
@@ -246,9 +246,9 @@ class Server:
 
     async def set_health(self, subscription: str, *, serving: bool) -> None:
         """One subscription's health; the overall status is SERVING only if all are."""
-        self._serving[subscription] = serving
+        self.serving[subscription] = serving
         await self.health.set(subscription, _status(serving))
-        overall = _status(all(self._serving.values()))
+        overall = _status(all(self.serving.values()))
         for service in ("", SERVICE_NAME):
             await self.health.set(service, overall)
 

@@ -74,6 +74,7 @@ class SidecarProcess:
         listener: str = "iam",
         auth_token: str | None = None,
         tcp: str | None = None,
+        metrics: str | None = None,
         extra: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -83,7 +84,7 @@ class SidecarProcess:
         self.address = f"unix://{self.socket}"
         config: dict[str, Any] = {
             "kafka": kafka_section(kafka, listener),
-            "listen": {"grpc": [self.address, *([tcp] if tcp else [])], "metrics": None},
+            "listen": {"grpc": [self.address, *([tcp] if tcp else [])], "metrics": metrics},
             "subscriptions": list(subscriptions),
             "log": {"level": "DEBUG"},
             "shutdown_grace_ms": 10000,

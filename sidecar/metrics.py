@@ -1,0 +1,195 @@
+"""Prometheus metrics, `kafka_sidecar_*`, on `listen.metrics` (path /metrics).
+
+The dispatcher, consumer and dead-letter writer keep plain running totals; this collector
+reads them at scrape time, so the per-record path never touches the metrics library (and
+its locks). Process metrics (RSS, CPU, open fds) come from prometheus-client's defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from aiokafka import TopicPartition
+from prometheus_client import REGISTRY, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from sidecar import logs
+
+if TYPE_CHECKING:
+    from sidecar.auth import MskIamTokenProvider
+    from sidecar.daemon import Subscription
+
+
+class SidecarCollector(Collector):
+    def __init__(
+        self,
+        subscriptions: Mapping[str, Subscription],
+        token_provider: MskIamTokenProvider | None,
+        serving: Mapping[str, bool],
+    ) -> None:
+        self._subscriptions = subscriptions
+        self._token_provider = token_provider
+        self._serving = serving
+
+    def collect(self) -> Iterator[Metric]:
+        subs = list(self._subscriptions.values())
+        yield from _counters(subs)
+        yield from _gauges(subs, self._serving)
+
+        commits = SummaryMetricFamily(
+            "kafka_sidecar_commit_seconds",
+            "Offset commit latency (successful commits)",
+            labels=["subscription"],
+        )
+        for sub in subs:
+            stats = sub.consumer.stats
+            commits.add_metric([sub.config.name], stats.commits, stats.commit_seconds)
+        yield commits
+
+        reconnects = CounterMetricFamily(
+            "kafka_sidecar_broker_reconnects",
+            "Broker connections dropped and re-established (MSK ends IAM sessions at token expiry)",
+        )
+        reconnects.add_metric([], logs.broker_reconnects.count)
+        yield reconnects
+        refreshes = CounterMetricFamily(
+            "kafka_sidecar_token_refreshes", "MSK IAM tokens signed (first one included)"
+        )
+        failures = CounterMetricFamily(
+            "kafka_sidecar_auth_failures", "Failed attempts to sign an MSK IAM token"
+        )
+        expiry = GaugeMetricFamily(
+            "kafka_sidecar_token_expiry_timestamp_seconds", "When the current MSK IAM token expires"
+        )
+        provider = self._token_provider
+        if provider is not None:
+            refreshes.add_metric([], provider.refreshes)
+            failures.add_metric([], provider.failures)
+            expiry.add_metric([], provider.expires_at)
+        else:
+            refreshes.add_metric([], 0)
+            failures.add_metric([], 0)
+        yield refreshes
+        yield failures
+        if provider is not None:
+            yield expiry
+
+
+_COUNTERS = (
+    ("records_delivered", "Records sent to apps, redeliveries included", "delivered"),
+    (
+        "redeliveries",
+        "Deliveries after the first (retry, ack deadline, stream loss)",
+        "redelivered",
+    ),
+    ("acks", "Records acked by apps", "acked"),
+    ("ack_deadline_expired", "Records unsettled past ack_deadline_ms", "deadline_expired"),
+    ("stream_lost_records", "Records handed back because their stream ended", "stream_lost"),
+    ("rejected_refs", "Ack/nack refs refused (unknown, already settled, revoked)", "rejected"),
+)
+
+
+def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
+    subs = list(subs)
+    for name, documentation, field in _COUNTERS:
+        family = CounterMetricFamily(
+            f"kafka_sidecar_{name}", documentation, labels=["subscription"]
+        )
+        for sub in subs:
+            family.add_metric([sub.config.name], getattr(sub.dispatcher.stats, field))
+        yield family
+
+    nacks = CounterMetricFamily(
+        "kafka_sidecar_nacks", "Records nacked by apps", labels=["subscription", "action"]
+    )
+    dead = CounterMetricFamily(
+        "kafka_sidecar_dead_lettered", "Records written to the DLQ", labels=["subscription"]
+    )
+    dlq_failures = CounterMetricFamily(
+        "kafka_sidecar_dead_letter_failures", "Failed DLQ writes (retried)", labels=["subscription"]
+    )
+    commits = CounterMetricFamily(
+        "kafka_sidecar_commits", "Offset commits", labels=["subscription", "result"]
+    )
+    rebalances = CounterMetricFamily(
+        "kafka_sidecar_rebalances", "Partition revocations", labels=["subscription"]
+    )
+    for sub in subs:
+        label = sub.config.name
+        stats = sub.dispatcher.stats
+        nacks.add_metric([label, "retry"], stats.nacked_retry)
+        nacks.add_metric([label, "dead_letter"], stats.nacked_dead_letter)
+        writer = sub.dead_letters
+        dead.add_metric([label], writer.written if writer else 0)
+        dlq_failures.add_metric([label], writer.failures if writer else 0)
+        commits.add_metric([label, "ok"], sub.consumer.stats.commits)
+        commits.add_metric([label, "failed"], sub.consumer.stats.commit_failures)
+        rebalances.add_metric([label], sub.consumer.stats.rebalances)
+    yield from (nacks, dead, dlq_failures, commits, rebalances)
+
+
+def _gauges(subs: Iterable[Subscription], serving: Mapping[str, bool]) -> Iterator[Metric]:
+    labels = ["subscription"]
+    streams = GaugeMetricFamily("kafka_sidecar_streams", "App streams attached", labels=labels)
+    batches = GaugeMetricFamily(
+        "kafka_sidecar_in_flight_batches", "Batches out with apps", labels=labels
+    )
+    records = GaugeMetricFamily(
+        "kafka_sidecar_in_flight_records", "Records out with apps", labels=labels
+    )
+    size = GaugeMetricFamily(
+        "kafka_sidecar_in_flight_bytes", "Bytes of records out with apps", labels=labels
+    )
+    buffered = GaugeMetricFamily(
+        "kafka_sidecar_buffered_records", "Records fetched, waiting for a stream", labels=labels
+    )
+    up = GaugeMetricFamily(
+        "kafka_sidecar_subscription_serving", "1 when the subscription is healthy", labels=labels
+    )
+    lag = GaugeMetricFamily(
+        "kafka_sidecar_consumer_lag",
+        "High watermark minus the committable offset, per assigned partition",
+        labels=["subscription", "topic", "partition"],
+    )
+    for sub in subs:
+        name = sub.config.name
+        dispatcher = sub.dispatcher
+        in_batches, in_records, in_bytes = dispatcher.in_flight
+        streams.add_metric([name], len(dispatcher.streams))
+        batches.add_metric([name], in_batches)
+        records.add_metric([name], in_records)
+        size.add_metric([name], in_bytes)
+        buffered.add_metric([name], len(dispatcher.backlog))
+        up.add_metric([name], 1 if serving.get(name) else 0)
+        consumer = sub.consumer.consumer
+        for topic, partition in sorted(dispatcher.assigned):
+            highwater = consumer.highwater(TopicPartition(topic, partition))
+            ledger = dispatcher.ledger.partition((topic, partition))
+            if highwater is None or ledger is None:
+                continue
+            lag.add_metric(
+                [name, topic, str(partition)], max(highwater - ledger.commit_offset(), 0)
+            )
+    yield from (streams, batches, records, size, buffered, up, lag)
+
+
+def serve(
+    address: str,
+    subscriptions: Mapping[str, Subscription],
+    token_provider: MskIamTokenProvider | None,
+    serving: Mapping[str, bool],
+) -> None:
+    """Starts the /metrics endpoint (a daemon thread) on `host:port`."""
+    REGISTRY.register(SidecarCollector(subscriptions, token_provider, serving))
+    host, _, port = address.rpartition(":")
+    try:
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+    except OSError as exc:
+        raise OSError(f"listen.metrics: cannot listen on {address}: {exc}") from exc
