@@ -120,6 +120,15 @@ class Backlog:
                 size += pending.size
         return records, size
 
+    def lowest_offset(self, tp: TopicPartition) -> int | None:
+        """The lowest offset of this partition not yet handed out, retries included."""
+        queue = self._queues.get(tp)
+        lowest = queue.records[0].offset if queue and queue.records else None
+        for _, _, pending in self._delayed:
+            if pending.tp == tp and (lowest is None or pending.offset < lowest):
+                lowest = pending.offset
+        return lowest
+
     def __len__(self) -> int:
         return sum(len(q.records) for q in self._queues.values()) + len(self._delayed)
 

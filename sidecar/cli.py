@@ -88,7 +88,84 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", metavar="FILE", help=config_help)
     run.set_defaults(command=_run)
+
+    status = commands.add_parser(
+        "status",
+        help="show a running sidecar's subscriptions, partitions, offsets and lag",
+        description=(
+            "Ask a running sidecar (GetStatus) for each subscription's mode, group, assigned "
+            "partitions with committed offset, position, high watermark and lag, in-flight "
+            "counts, attached streams and caught_up."
+        ),
+    )
+    _add_target_arguments(status, config_help)
+    status.add_argument("--subscription", metavar="NAME", help="only this subscription")
+    status.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    status.set_defaults(command=_status)
+
+    reset = commands.add_parser(
+        "reset-offsets",
+        help="move a group subscription's committed offsets",
+        description=(
+            "Live (default): a running sidecar seeks and commits the partitions it owns, drops "
+            "what is in flight for them, and reports partitions other members own (untouched). "
+            "Offline (--group, sidecar stopped): commits directly for the group; Kafka allows "
+            "that only when the group is empty. --dry-run shows the change without making it."
+        ),
+    )
+    _add_target_arguments(reset, config_help)
+    where = reset.add_mutually_exclusive_group(required=True)
+    where.add_argument("--subscription", metavar="NAME", help="live reset of this subscription")
+    where.add_argument(
+        "--group", metavar="GROUP", help="offline reset of this consumer group (needs --config)"
+    )
+    to = reset.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-earliest", action="store_true", help="the first offset still in the log")
+    to.add_argument("--to-latest", action="store_true", help="the end: skip everything there is")
+    to.add_argument(
+        "--to-timestamp",
+        metavar="TIME",
+        help="the first record at or after TIME (ms since the epoch, or ISO 8601)",
+    )
+    to.add_argument(
+        "--to-offset",
+        metavar="TOPIC:PARTITION=OFFSET",
+        action="append",
+        help="an explicit offset (repeatable)",
+    )
+    reset.add_argument(
+        "--topic", action="append", default=[], help="limit to this topic (repeatable)"
+    )
+    reset.add_argument("--dry-run", action="store_true", help="show the change, make none")
+    reset.set_defaults(command=_reset_offsets)
     return parser
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument(
+        "--target",
+        metavar="ADDRESS",
+        help="the sidecar's gRPC address (default: the first listen.grpc of --config, "
+        "else 127.0.0.1:50051)",
+    )
+    parser.add_argument("--config", metavar="FILE", help=config_help)
+    parser.add_argument(
+        "--token",
+        help="bearer token for the sidecar (default: listen.auth_token of --config, "
+        "else $KAFKA_SIDECAR_TOKEN)",
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sidecar import admin
+
+    return admin.status(args)
+
+
+def _reset_offsets(args: argparse.Namespace) -> int:
+    from sidecar import admin
+
+    return admin.reset_offsets(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafkasidecar.v1 import consumer_pb2 as pb
-
 from sidecar import __version__
 from sidecar.batcher import Backlog, BatchLimits, Pending, TopicPartition
 from sidecar.config import SubscriptionConfig
@@ -28,7 +27,7 @@ from sidecar.ledger import Ledger, SettleOutcome
 
 log = logging.getLogger("sidecar.dispatcher")
 
-_MODES = {"group": pb.SUBSCRIPTION_MODE_GROUP, "snapshot": pb.SUBSCRIPTION_MODE_SNAPSHOT}
+MODES = {"group": pb.SUBSCRIPTION_MODE_GROUP, "snapshot": pb.SUBSCRIPTION_MODE_SNAPSHOT}
 _ORDERINGS = {"partition": pb.ORDERING_PARTITION, "none": pb.ORDERING_NONE}
 #: How many ended-unsettled batch ids a stream remembers, to say why a late ack is refused.
 _CLOSED_BATCH_MEMORY = 10_000
@@ -138,6 +137,7 @@ class Dispatcher:
         *,
         group_id: str = "",
         dead_letters: asyncio.Queue[DeadLetter] | None = None,
+        stats: DispatchStats | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -163,7 +163,8 @@ class Dispatcher:
         self._stream_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
-        self.stats = DispatchStats()
+        #: May be shared: a snapshot subscription's per-stream dispatchers add up into one.
+        self.stats = stats or DispatchStats()
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class Dispatcher:
                 opened=pb.Opened(
                     subscription=self.config.name,
                     group_id=self.group_id,
-                    mode=_MODES[self.config.mode],
+                    mode=MODES[self.config.mode],
                     ordering=_ORDERINGS[self.config.ordering],
                     max_outstanding_batches=stream.max_batches,
                     max_outstanding_records=stream.max_records,
@@ -288,6 +289,17 @@ class Dispatcher:
             return
         self.assigned -= tps
         self.revoked |= tps
+        self._drop(tps)
+        self._broadcast(
+            pb.ConsumeResponse(partitions_revoked=pb.PartitionsRevoked(partitions=_tps(tps)))
+        )
+
+    def reset(self, tps: set[TopicPartition]) -> None:
+        """The partitions' offsets were reset: what was fetched or in flight is void."""
+        self._drop(tps & self.assigned)
+
+    def _drop(self, tps: set[TopicPartition]) -> None:
+        """Forgets the partitions' records, buffered and in flight; late acks are refused."""
         self.backlog.drop(tps)
         for stream in self.streams.values():
             for batch in list(stream.batches.values()):
@@ -300,9 +312,6 @@ class Dispatcher:
                     self._close_batch(stream, batch, pb.REJECT_REASON_REVOKED)
         for tp in tps:
             self._inflight.pop(tp, None)
-        self._broadcast(
-            pb.ConsumeResponse(partitions_revoked=pb.PartitionsRevoked(partitions=_tps(tps)))
-        )
         self._wake.set()
 
     # -- from the app ----------------------------------------------------------------------

@@ -21,10 +21,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sidecar import logs
+from sidecar.subscription import GroupSubscription, Subscription
 
 if TYPE_CHECKING:
     from sidecar.auth import MskIamTokenProvider
-    from sidecar.daemon import Subscription
 
 
 class SidecarCollector(Collector):
@@ -32,16 +32,14 @@ class SidecarCollector(Collector):
         self,
         subscriptions: Mapping[str, Subscription],
         token_provider: MskIamTokenProvider | None,
-        serving: Mapping[str, bool],
     ) -> None:
         self._subscriptions = subscriptions
         self._token_provider = token_provider
-        self._serving = serving
 
     def collect(self) -> Iterator[Metric]:
         subs = list(self._subscriptions.values())
         yield from _counters(subs)
-        yield from _gauges(subs, self._serving)
+        yield from _gauges(subs)
 
         commits = SummaryMetricFamily(
             "kafka_sidecar_commit_seconds",
@@ -49,8 +47,9 @@ class SidecarCollector(Collector):
             labels=["subscription"],
         )
         for sub in subs:
-            stats = sub.consumer.stats
-            commits.add_metric([sub.config.name], stats.commits, stats.commit_seconds)
+            if isinstance(sub, GroupSubscription):
+                stats = sub.consumer.stats
+                commits.add_metric([sub.name], stats.commits, stats.commit_seconds)
         yield commits
 
         reconnects = CounterMetricFamily(
@@ -103,7 +102,7 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
             f"kafka_sidecar_{name}", documentation, labels=["subscription"]
         )
         for sub in subs:
-            family.add_metric([sub.config.name], getattr(sub.dispatcher.stats, field))
+            family.add_metric([sub.name], getattr(sub.stats, field))
         yield family
 
     nacks = CounterMetricFamily(
@@ -122,10 +121,11 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
         "kafka_sidecar_rebalances", "Partition revocations", labels=["subscription"]
     )
     for sub in subs:
-        label = sub.config.name
-        stats = sub.dispatcher.stats
-        nacks.add_metric([label, "retry"], stats.nacked_retry)
-        nacks.add_metric([label, "dead_letter"], stats.nacked_dead_letter)
+        label = sub.name
+        nacks.add_metric([label, "retry"], sub.stats.nacked_retry)
+        nacks.add_metric([label, "dead_letter"], sub.stats.nacked_dead_letter)
+        if not isinstance(sub, GroupSubscription):
+            continue
         writer = sub.dead_letters
         dead.add_metric([label], writer.written if writer else 0)
         dlq_failures.add_metric([label], writer.failures if writer else 0)
@@ -135,7 +135,7 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
     yield from (nacks, dead, dlq_failures, commits, rebalances)
 
 
-def _gauges(subs: Iterable[Subscription], serving: Mapping[str, bool]) -> Iterator[Metric]:
+def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
     labels = ["subscription"]
     streams = GaugeMetricFamily("kafka_sidecar_streams", "App streams attached", labels=labels)
     batches = GaugeMetricFamily(
@@ -159,15 +159,18 @@ def _gauges(subs: Iterable[Subscription], serving: Mapping[str, bool]) -> Iterat
         labels=["subscription", "topic", "partition"],
     )
     for sub in subs:
-        name = sub.config.name
+        name = sub.name
+        dispatchers = sub.dispatchers()
+        flights = [d.in_flight for d in dispatchers]
+        streams.add_metric([name], sum(len(d.streams) for d in dispatchers))
+        batches.add_metric([name], sum(f[0] for f in flights))
+        records.add_metric([name], sum(f[1] for f in flights))
+        size.add_metric([name], sum(f[2] for f in flights))
+        buffered.add_metric([name], sum(len(d.backlog) for d in dispatchers))
+        up.add_metric([name], 1 if sub.serving else 0)
+        if not isinstance(sub, GroupSubscription):
+            continue
         dispatcher = sub.dispatcher
-        in_batches, in_records, in_bytes = dispatcher.in_flight
-        streams.add_metric([name], len(dispatcher.streams))
-        batches.add_metric([name], in_batches)
-        records.add_metric([name], in_records)
-        size.add_metric([name], in_bytes)
-        buffered.add_metric([name], len(dispatcher.backlog))
-        up.add_metric([name], 1 if serving.get(name) else 0)
         consumer = sub.consumer.consumer
         for topic, partition in sorted(dispatcher.assigned):
             highwater = consumer.highwater(TopicPartition(topic, partition))
@@ -184,10 +187,9 @@ def serve(
     address: str,
     subscriptions: Mapping[str, Subscription],
     token_provider: MskIamTokenProvider | None,
-    serving: Mapping[str, bool],
 ) -> None:
     """Starts the /metrics endpoint (a daemon thread) on `host:port`."""
-    REGISTRY.register(SidecarCollector(subscriptions, token_provider, serving))
+    REGISTRY.register(SidecarCollector(subscriptions, token_provider))
     host, _, port = address.rpartition(":")
     try:
         start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")

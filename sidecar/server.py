@@ -17,25 +17,26 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from kafkasidecar.v1 import consumer_pb2 as pb
 from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
-
 from sidecar import __version__
 from sidecar.dispatcher import Dispatcher, Stream
+from sidecar.offsets import OffsetsError
+from sidecar.subscription import Subscription
 
 log = logging.getLogger("sidecar.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConsumerService"].full_name
 #: An `open` that does not come within this long is a broken client, not a slow one.
 OPEN_TIMEOUT_S = 30.0
-_MODES = {"group": pb.SUBSCRIPTION_MODE_GROUP, "snapshot": pb.SUBSCRIPTION_MODE_SNAPSHOT}
 
 StreamError = tuple[grpc.StatusCode, str]
 
 
 class ConsumerService(pb_grpc.ConsumerServiceServicer):
-    def __init__(self, dispatchers: Mapping[str, Dispatcher], auth_token: str | None) -> None:
-        self._dispatchers = dispatchers
+    def __init__(self, subscriptions: Mapping[str, Subscription], auth_token: str | None) -> None:
+        self._subscriptions = subscriptions
         self._auth_token = auth_token
         self.shutting_down = False
 
@@ -52,6 +53,16 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
         if not hmac.compare_digest(given.encode(), expected.encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong bearer token")
 
+    async def _subscription(self, name: str, context: grpc.aio.ServicerContext) -> Subscription:
+        subscription = self._subscriptions.get(name)
+        if subscription is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown subscription {name!r}; configured: {sorted(self._subscriptions)}",
+            )
+            raise AssertionError("unreachable: abort raises")
+        return subscription
+
     async def Consume(
         self,
         request_iterator: AsyncIterator[pb.ConsumeRequest],
@@ -63,17 +74,10 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first request on a stream must be `open`"
             )
-        name = first.open.subscription
-        dispatcher = self._dispatchers.get(name)
-        if dispatcher is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown subscription {name!r}; configured: {sorted(self._dispatchers)}",
-            )
-            return
+        subscription = await self._subscription(first.open.subscription, context)
         if self.shutting_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
-        stream = dispatcher.attach(first.open, context.peer())
+        dispatcher, stream = subscription.attach(first.open, context.peer())
         reader = asyncio.create_task(self._read(request_iterator, dispatcher, stream))
         try:
             while True:
@@ -88,7 +92,7 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar shut down")
         finally:
             reader.cancel()
-            dispatcher.detach(stream)
+            subscription.detach(dispatcher, stream)
 
     async def _first(
         self, requests: AsyncIterator[pb.ConsumeRequest], context: grpc.aio.ServicerContext
@@ -135,52 +139,23 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatusResponse:
         await self._authorize(context)
-        names = [request.subscription] if request.subscription else sorted(self._dispatchers)
+        names = [request.subscription] if request.subscription else sorted(self._subscriptions)
         response = pb.GetStatusResponse(version=__version__)
         for name in names:
-            dispatcher = self._dispatchers.get(name)
-            if dispatcher is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown subscription {name!r}")
-                raise AssertionError("unreachable")
-            response.subscriptions.append(subscription_status(dispatcher))
+            subscription = await self._subscription(name, context)
+            response.subscriptions.append(await subscription.status())
         return response
 
     async def ResetOffsets(
         self, request: pb.ResetOffsetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetOffsetsResponse:
         await self._authorize(context)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ResetOffsets is not available yet")
-        raise AssertionError("unreachable")
-
-
-def subscription_status(dispatcher: Dispatcher) -> pb.SubscriptionStatus:
-    config = dispatcher.config
-    batches, records, size = dispatcher.in_flight
-    status = pb.SubscriptionStatus(
-        name=config.name,
-        mode=_MODES[config.mode],
-        group_id=config.group_id or "",
-        topics=config.topics,
-        streams=len(dispatcher.streams),
-        in_flight_batches=batches,
-        in_flight_records=records,
-        in_flight_bytes=size,
-        serving=True,
-        state="consuming" if dispatcher.streams else "waiting for a stream",
-    )
-    for topic, partition in sorted(dispatcher.assigned):
-        committed = dispatcher.ledger.committed((topic, partition))
-        ledger = dispatcher.ledger.partition((topic, partition))
-        status.partitions.append(
-            pb.PartitionStatus(
-                topic=topic,
-                partition=partition,
-                committed_offset=-1 if committed is None else committed,
-                position=ledger.next_offset if ledger else -1,
-                in_flight_records=ledger.unsettled if ledger else 0,
-            )
-        )
-    return status
+        subscription = await self._subscription(request.subscription, context)
+        try:
+            return await subscription.reset_offsets(request)
+        except OffsetsError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            raise AssertionError("unreachable: abort raises") from exc
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -197,13 +172,13 @@ class Server:
     def __init__(
         self,
         addresses: list[str],
-        dispatchers: Mapping[str, Dispatcher],
+        subscriptions: Mapping[str, Subscription],
         auth_token: str | None,
     ) -> None:
         self.addresses = addresses
-        self.service = ConsumerService(dispatchers, auth_token)
+        self.service = ConsumerService(subscriptions, auth_token)
         self.health = health.aio.HealthServicer()
-        self._subscriptions = list(dispatchers)
+        self._subscriptions = list(subscriptions)
         self.serving: dict[str, bool] = {}
         self._server = grpc.aio.server(
             options=[
@@ -244,7 +219,7 @@ class Server:
             await self.set_health(name, serving=False)
         log.info("listening", extra={"addresses": self.bound, "pid": os.getpid()})
 
-    async def set_health(self, subscription: str, *, serving: bool) -> None:
+    async def set_health(self, subscription: str, serving: bool) -> None:
         """One subscription's health; the overall status is SERVING only if all are."""
         self.serving[subscription] = serving
         await self.health.set(subscription, _status(serving))

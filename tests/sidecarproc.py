@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from kafkasidecar.v1 import consumer_pb2 as pb
 from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
-
 from tests.localkafka import LocalKafka
 
 BIN = Path(sys.executable).parent

@@ -11,8 +11,8 @@ import grpc
 import psutil
 import pytest
 from aiokafka import AIOKafkaProducer
-from kafkasidecar.v1 import consumer_pb2 as pb
 
+from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.localkafka import LocalKafka, committed_offsets, describe_group, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
 

@@ -10,8 +10,8 @@ import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kafkasidecar.v1 import consumer_pb2 as pb
 
+from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.localkafka import LocalKafka, committed_offsets, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
 from tests.test_delivery import produce, wait_committed

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from aiokafka import AIOKafkaProducer
-from kafkasidecar.v1 import consumer_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
+from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.localkafka import LocalKafka
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
 from tests.test_delivery import produce, wait_committed

@@ -1,0 +1,346 @@
+"""A subscription as the server and the daemon see it: streams attach to it, it reports its
+status, resets its offsets, and shuts down. Two kinds: a consumer group shared by all of
+its streams, and snapshots read privately per stream."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from kafkasidecar.v1 import consumer_pb2 as pb
+from sidecar.config import SubscriptionConfig
+from sidecar.consumer import GroupConsumer
+from sidecar.deadletters import DeadLetterWriter
+from sidecar.dispatcher import MODES, Dispatcher, DispatchStats, Stream
+from sidecar.ledger import Ledger
+from sidecar.offsets import Change, OffsetsError, committed, selected_partitions, target_offsets
+from sidecar.snapshot import SnapshotReader
+
+log = logging.getLogger("sidecar.subscription")
+
+HealthSetter = Callable[[bool], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    def __init__(self, config: SubscriptionConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.serving = False
+        self.stats = DispatchStats()
+
+    @abc.abstractmethod
+    def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
+        """A new app stream: which dispatcher serves it."""
+
+    @abc.abstractmethod
+    def detach(self, dispatcher: Dispatcher, stream: Stream) -> None: ...
+
+    @abc.abstractmethod
+    def dispatchers(self) -> list[Dispatcher]: ...
+
+    @abc.abstractmethod
+    async def run(self, set_health: HealthSetter) -> None:
+        """Fetching and dispatching, until cancelled (shutdown cancels it first)."""
+
+    async def settle(self, set_health: HealthSetter) -> None:
+        """Work that settles records (dead-letter writes): keeps going through the
+        shutdown grace, cancelled last."""
+        await asyncio.Event().wait()
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """After the shutdown grace: commit what is settled, leave, release connections."""
+
+    @abc.abstractmethod
+    async def status(self) -> pb.SubscriptionStatus: ...
+
+    async def reset_offsets(self, request: pb.ResetOffsetsRequest) -> pb.ResetOffsetsResponse:
+        raise OffsetsError(
+            f"subscription {self.name!r} is a snapshot: it has no committed offsets",
+            code="FAILED_PRECONDITION",
+        )
+
+    @property
+    def unsettled(self) -> int:
+        return sum(d.unsettled for d in self.dispatchers())
+
+    def close(self, deadline_ms: int) -> None:
+        for dispatcher in self.dispatchers():
+            dispatcher.close(deadline_ms)
+
+    def end_streams(self) -> None:
+        for dispatcher in self.dispatchers():
+            dispatcher.end_streams()
+
+    def _base_status(self, state: str) -> pb.SubscriptionStatus:
+        batches = records = size = streams = 0
+        for dispatcher in self.dispatchers():
+            b, r, s = dispatcher.in_flight
+            batches, records, size = batches + b, records + r, size + s
+            streams += len(dispatcher.streams)
+        return pb.SubscriptionStatus(
+            name=self.name,
+            mode=MODES[self.config.mode],
+            group_id=self.config.group_id or "",
+            topics=self.config.topics,
+            streams=streams,
+            in_flight_batches=batches,
+            in_flight_records=records,
+            in_flight_bytes=size,
+            serving=self.serving,
+            state=state,
+        )
+
+
+class GroupSubscription(Subscription):
+    """One consumer group membership shared by every stream of the subscription."""
+
+    def __init__(
+        self,
+        config: SubscriptionConfig,
+        client_kwargs: dict[str, Any],
+        dead_letters: DeadLetterWriter | None,
+    ) -> None:
+        super().__init__(config)
+        self.ledger = Ledger()
+        self.dead_letters = dead_letters
+        self.dispatcher = Dispatcher(
+            config,
+            self.ledger,
+            group_id=config.group_id or "",
+            dead_letters=dead_letters.queue if dead_letters else None,
+            stats=self.stats,
+        )
+        self.consumer = GroupConsumer(config, self.dispatcher, self.ledger, client_kwargs)
+        self.joined = False
+
+    def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
+        return self.dispatcher, self.dispatcher.attach(request, peer)
+
+    def detach(self, dispatcher: Dispatcher, stream: Stream) -> None:
+        dispatcher.detach(stream)
+
+    def dispatchers(self) -> list[Dispatcher]:
+        return [self.dispatcher]
+
+    async def run(self, set_health: HealthSetter) -> None:
+        await asyncio.gather(self.dispatcher.run(), self._membership(set_health))
+
+    async def settle(self, set_health: HealthSetter) -> None:
+        if self.dead_letters is None:
+            return await super().settle(set_health)
+
+        async def dlq_health(ok: bool) -> None:
+            self.serving = ok
+            await set_health(ok)
+
+        await self.dead_letters.run(self.dispatcher.dead_lettered, dlq_health)
+
+    async def _membership(self, set_health: HealthSetter) -> None:
+        """Group membership follows the app: joined while a stream is attached (and at
+        start), left after `detach_timeout_ms` without one so other pods take the
+        partitions, joined again when a stream attaches."""
+        dispatcher = self.dispatcher
+        while True:
+            await self._join(set_health)
+            work = asyncio.gather(self.consumer.run(), self.consumer.commit_loop())
+            try:
+                await self._wait_detached(self.config.detach_timeout_ms / 1000)
+            finally:
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            await self.consumer.stop()
+            self.joined = False
+            log.info(
+                "no stream attached: left the group until one attaches",
+                extra={
+                    "subscription": self.name,
+                    "detach_timeout_ms": self.config.detach_timeout_ms,
+                },
+            )
+            while not dispatcher.streams:
+                dispatcher.streams_changed.clear()
+                await dispatcher.streams_changed.wait()
+
+    async def _wait_detached(self, timeout_s: float) -> None:
+        """Returns once no stream has been attached for `timeout_s`."""
+        changed = self.dispatcher.streams_changed
+        while True:
+            changed.clear()
+            if self.dispatcher.streams:
+                await changed.wait()
+                continue
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await changed.wait()
+            except TimeoutError:
+                return
+
+    async def _join(self, set_health: HealthSetter) -> None:
+        """Joins the group, retrying while the brokers are unreachable."""
+        backoff = 1.0
+        while True:
+            try:
+                await self.consumer.start()
+                break
+            except Exception as exc:
+                self.serving = False
+                await set_health(False)
+                log.error(
+                    "cannot start consumer; retrying",
+                    extra={"subscription": self.name, "error": repr(exc), "retry_in_s": backoff},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        self.joined = True
+        self.serving = True
+        await set_health(True)
+        log.info(
+            "consuming",
+            extra={
+                "subscription": self.name,
+                "group_id": self.config.group_id,
+                "topics": self.config.topics,
+            },
+        )
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.consumer.stop()
+        if self.dead_letters is not None:
+            with contextlib.suppress(Exception):
+                await self.dead_letters.stop()
+
+    async def status(self) -> pb.SubscriptionStatus:
+        if not self.joined:
+            state = "idle: left the group until a stream attaches"
+        elif not self.serving:
+            state = "dead-letter writes failing" if self.dead_letters else "not serving"
+        else:
+            state = "consuming" if self.dispatcher.streams else "waiting for a stream"
+        status = self._base_status(state)
+        consumer = self.consumer.consumer
+        tps = [TopicPartition(t, p) for t, p in sorted(self.dispatcher.assigned)]
+        if not (self.joined and tps):
+            return status
+        ends = await consumer.end_offsets(tps)
+        done = await committed(consumer, tps)
+        for tp in tps:
+            position = await consumer.position(tp)
+            base = done[tp] if done[tp] >= 0 else position
+            status.partitions.append(
+                pb.PartitionStatus(
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    committed_offset=done[tp],
+                    position=position,
+                    high_watermark=ends[tp],
+                    lag=max(ends[tp] - base, 0),
+                    in_flight_records=self.dispatcher.unsettled_in({(tp.topic, tp.partition)}),
+                )
+            )
+        return status
+
+    async def reset_offsets(self, request: pb.ResetOffsetsRequest) -> pb.ResetOffsetsResponse:
+        """Live reset: the partitions this member owns are sought and committed (what is in
+        flight is dropped; late acks are rejected); other members' partitions are reported,
+        not touched."""
+        if not self.joined:
+            raise OffsetsError(
+                f"subscription {self.name!r} is not in its group right now (no stream "
+                "attached); reset it offline with `kafka-sidecar reset-offsets --group`",
+                code="FAILED_PRECONDITION",
+            )
+        consumer = self.consumer.consumer
+        everything = {
+            TopicPartition(topic, partition)
+            for topic in self.config.topics
+            for partition in consumer.partitions_for_topic(topic) or ()
+        }
+        chosen = selected_partitions(request, self.config.topics, everything)
+        owned = sorted(tp for tp in chosen if (tp.topic, tp.partition) in self.dispatcher.assigned)
+        targets = await target_offsets(consumer, owned, request)
+        old = await committed(consumer, owned)
+        if owned and not request.dry_run:
+            keys = {(tp.topic, tp.partition) for tp in owned}
+            self.dispatcher.reset(keys)
+            for tp in owned:
+                self.ledger.revoke((tp.topic, tp.partition))
+                consumer.seek(tp, targets[tp])
+            await consumer.commit({tp: OffsetAndMetadata(targets[tp], "") for tp in owned})
+            log.info(
+                "offsets reset",
+                extra={
+                    "subscription": self.name,
+                    "offsets": {f"{tp.topic}:{tp.partition}": targets[tp] for tp in owned},
+                },
+            )
+        return pb.ResetOffsetsResponse(
+            changes=[Change(tp.topic, tp.partition, old[tp], targets[tp]).to_pb() for tp in owned],
+            not_owned=[
+                pb.TopicPartition(topic=tp.topic, partition=tp.partition)
+                for tp in sorted(chosen - set(owned))
+            ],
+        )
+
+
+class SnapshotSubscription(Subscription):
+    """Every stream gets its own reader from the beginning of every partition."""
+
+    def __init__(self, config: SubscriptionConfig, client_kwargs: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._client_kwargs = client_kwargs
+        self._readers: dict[str, tuple[SnapshotReader, asyncio.Task[Any]]] = {}
+
+    def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
+        dispatcher = Dispatcher(self.config, Ledger(), stats=self.stats)
+        stream = dispatcher.attach(request, peer)
+        reader = SnapshotReader(self.config, dispatcher, stream, self._client_kwargs)
+        task = asyncio.create_task(self._read(reader))
+        self._readers[stream.id] = (reader, task)
+        return dispatcher, stream
+
+    async def _read(self, reader: SnapshotReader) -> None:
+        try:
+            await asyncio.gather(reader.run(), reader.dispatcher.run())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "snapshot read failed; ending the stream",
+                extra={"subscription": self.name, "stream": reader.stream.id},
+            )
+            reader.stream.outbox.put_nowait(None)
+
+    def detach(self, dispatcher: Dispatcher, stream: Stream) -> None:
+        dispatcher.detach(stream)
+        entry = self._readers.pop(stream.id, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    def dispatchers(self) -> list[Dispatcher]:
+        return [reader.dispatcher for reader, _ in self._readers.values()]
+
+    async def run(self, set_health: HealthSetter) -> None:
+        self.serving = True
+        await set_health(True)
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        tasks = [task for _, task in self._readers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def status(self) -> pb.SubscriptionStatus:
+        readers = [reader for reader, _ in self._readers.values()]
+        status = self._base_status("reading" if readers else "waiting for a stream")
+        status.caught_up = bool(readers) and all(r.caught_up for r in readers)
+        return status
