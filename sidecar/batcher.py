@@ -13,6 +13,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 
@@ -32,6 +33,8 @@ class Pending:
     #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):
     #: linger counts from here.
     since: float = 0.0
+    #: The OpenTelemetry span of its current delivery, when tracing is on.
+    span: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -388,6 +388,14 @@ class LogConfig(_Section):
     format: Literal["json", "text"] = "json"
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry spans for records that carry a W3C `traceparent` (needs the `otel`
+    extra). Off unless an OTLP endpoint is set."""
+
+    otlp_endpoint: _Blankable[str] = None
+    service_name: str = "kafka-sidecar"
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 
@@ -439,6 +447,7 @@ class SidecarConfig(BaseSettings):
     listen: ListenConfig = ListenConfig()
     subscriptions: Annotated[list[SubscriptionConfig], Field(min_length=1)]
     log: LogConfig = LogConfig()
+    tracing: TracingConfig = TracingConfig()
     shutdown_grace_ms: int = Field(default=30000, ge=0)
 
     @classmethod

@@ -18,6 +18,7 @@ from sidecar.config import SidecarConfig, SubscriptionConfig
 from sidecar.deadletters import DeadLetterError, DeadLetterWriter
 from sidecar.server import Server
 from sidecar.subscription import GroupSubscription, SnapshotSubscription, Subscription
+from sidecar.tracing import Tracing, TracingUnavailable
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -38,6 +39,7 @@ class Sidecar:
         self._stop = asyncio.Event()
         self._signals = 0
         self._crashed = False
+        self._tracing: Tracing | None = None
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         """A background task must never end on its own: if one does, shut down (exit 1)
@@ -73,6 +75,11 @@ class Sidecar:
                 log.error(str(exc))
                 return EXIT_FAILURE
         kwargs = client_kwargs(config.kafka, token_provider)
+        try:
+            self._tracing = Tracing(config.tracing) if config.tracing.otlp_endpoint else None
+        except TracingUnavailable as exc:
+            log.error(str(exc))
+            return EXIT_FAILURE
 
         subscriptions: dict[str, Subscription] = {}
         server: Server | None = None
@@ -123,15 +130,16 @@ class Sidecar:
                 await subscription.stop()
             if token_provider is not None:
                 await token_provider.close()
+            if self._tracing is not None:
+                self._tracing.shutdown()
         log.info("stopped")
         return EXIT_FAILURE if self._crashed else EXIT_OK
 
-    @staticmethod
     async def _subscription(
-        index: int, sub: SubscriptionConfig, kwargs: dict[str, Any]
+        self, index: int, sub: SubscriptionConfig, kwargs: dict[str, Any]
     ) -> Subscription:
         if sub.mode == "snapshot":
-            return SnapshotSubscription(sub, kwargs)
+            return SnapshotSubscription(sub, kwargs, self._tracing)
         writer = None
         if sub.dead_letter is not None:
             writer = DeadLetterWriter(
@@ -141,7 +149,7 @@ class Sidecar:
                 config_key=f"subscriptions[{index}].dead_letter.topic",
             )
             await writer.start()
-        return GroupSubscription(sub, kwargs, writer)
+        return GroupSubscription(sub, kwargs, writer, self._tracing)
 
     async def _shutdown(
         self,

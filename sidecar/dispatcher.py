@@ -24,6 +24,7 @@ from sidecar.batcher import Backlog, BatchLimits, Pending, TopicPartition
 from sidecar.config import SubscriptionConfig
 from sidecar.deadletters import DeadLetter
 from sidecar.ledger import Ledger, SettleOutcome
+from sidecar.tracing import Tracing
 
 log = logging.getLogger("sidecar.dispatcher")
 
@@ -138,6 +139,7 @@ class Dispatcher:
         group_id: str = "",
         dead_letters: asyncio.Queue[DeadLetter] | None = None,
         stats: DispatchStats | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -165,6 +167,7 @@ class Dispatcher:
         self._closing = False
         #: May be shared: a snapshot subscription's per-stream dispatchers add up into one.
         self.stats = stats or DispatchStats()
+        self.tracing = tracing
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class Dispatcher:
         for batch in stream.batches.values():
             for pending in batch.records.values():
                 self._release(pending.tp)
+                self._end_span(pending, "stream_lost")
                 self.backlog.retry(pending, now)
                 returned += 1
         self.stats.stream_lost += returned
@@ -305,6 +309,7 @@ class Dispatcher:
             for batch in list(stream.batches.values()):
                 for key in [k for k in batch.records if (k[0], k[1]) in tps]:
                     pending = batch.records.pop(key)
+                    self._end_span(pending, "revoked")
                     del stream.index[key]
                     stream.out_records -= 1
                     stream.out_bytes -= pending.size
@@ -373,7 +378,7 @@ class Dispatcher:
         else:
             self.stats.nacked_retry += len(targets)
         for batch, pending in targets:
-            self._take_back(stream, batch, pending)
+            self._take_back(stream, batch, pending, "dead_letter" if dead_letter else "retry")
             if dead_letter:
                 self._dead_letter(pending, reason)
             else:
@@ -437,7 +442,7 @@ class Dispatcher:
 
     def _settle(self, stream: Stream, batch: _Batch, pending: Pending) -> None:
         self.stats.acked += 1
-        self._take_back(stream, batch, pending)
+        self._take_back(stream, batch, pending, "ack")
         outcome = self.ledger.settle(pending.tp, pending.offset)
         if outcome is not SettleOutcome.SETTLED:  # pragma: no cover - a bookkeeping bug
             log.error(
@@ -445,8 +450,9 @@ class Dispatcher:
                 extra={"topic": pending.tp[0], "partition": pending.tp[1], "outcome": outcome},
             )
 
-    def _take_back(self, stream: Stream, batch: _Batch, pending: Pending) -> None:
+    def _take_back(self, stream: Stream, batch: _Batch, pending: Pending, outcome: str) -> None:
         """Removes a record from what the stream holds (settled, or to be redelivered)."""
+        self._end_span(pending, outcome)
         key = (pending.tp[0], pending.tp[1], pending.offset)
         del batch.records[key]
         del stream.index[key]
@@ -455,6 +461,10 @@ class Dispatcher:
         self._release(pending.tp)
         if not batch.records:
             del stream.batches[batch.id]
+
+    def _end_span(self, pending: Pending, outcome: str) -> None:
+        if self.tracing is not None:
+            self.tracing.ended(pending, outcome)
 
     def _close_batch(self, stream: Stream, batch: _Batch, reason: int) -> None:
         stream.batches.pop(batch.id, None)
@@ -549,11 +559,14 @@ class Dispatcher:
         )
         stream.next_batch_id += 1
         redelivered = 0
+        tracing = self.tracing
         for pending in records:
             if pending.attempts:
                 redelivered += 1
             pending.attempts += 1
             pending.record.delivery_attempt = pending.attempts
+            if tracing is not None:
+                tracing.delivered(pending, self.group_id)
             key = (pending.tp[0], pending.tp[1], pending.offset)
             batch.records[key] = pending
             stream.index[key] = batch.id
@@ -588,7 +601,7 @@ class Dispatcher:
                 )
                 self.stats.deadline_expired += len(batch.records)
                 for pending in list(batch.records.values()):
-                    self._take_back(stream, batch, pending)
+                    self._take_back(stream, batch, pending, "deadline")
                     self._retry(pending, now, 0, "ack deadline passed")
                 self._close_batch(stream, batch, pb.REJECT_REASON_UNKNOWN)
 

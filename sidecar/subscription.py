@@ -22,6 +22,7 @@ from sidecar.dispatcher import MODES, Dispatcher, DispatchStats, Stream
 from sidecar.ledger import Ledger
 from sidecar.offsets import Change, OffsetsError, committed, selected_partitions, target_offsets
 from sidecar.snapshot import SnapshotReader
+from sidecar.tracing import Tracing
 
 log = logging.getLogger("sidecar.subscription")
 
@@ -107,6 +108,7 @@ class GroupSubscription(Subscription):
         config: SubscriptionConfig,
         client_kwargs: dict[str, Any],
         dead_letters: DeadLetterWriter | None,
+        tracing: Tracing | None = None,
     ) -> None:
         super().__init__(config)
         self.ledger = Ledger()
@@ -117,6 +119,7 @@ class GroupSubscription(Subscription):
             group_id=config.group_id or "",
             dead_letters=dead_letters.queue if dead_letters else None,
             stats=self.stats,
+            tracing=tracing,
         )
         self.consumer = GroupConsumer(config, self.dispatcher, self.ledger, client_kwargs)
         self.joined = False
@@ -294,13 +297,19 @@ class GroupSubscription(Subscription):
 class SnapshotSubscription(Subscription):
     """Every stream gets its own reader from the beginning of every partition."""
 
-    def __init__(self, config: SubscriptionConfig, client_kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: SubscriptionConfig,
+        client_kwargs: dict[str, Any],
+        tracing: Tracing | None = None,
+    ) -> None:
         super().__init__(config)
         self._client_kwargs = client_kwargs
+        self._tracing = tracing
         self._readers: dict[str, tuple[SnapshotReader, asyncio.Task[Any]]] = {}
 
     def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
-        dispatcher = Dispatcher(self.config, Ledger(), stats=self.stats)
+        dispatcher = Dispatcher(self.config, Ledger(), stats=self.stats, tracing=self._tracing)
         stream = dispatcher.attach(request, peer)
         reader = SnapshotReader(self.config, dispatcher, stream, self._client_kwargs)
         task = asyncio.create_task(self._read(reader))
