@@ -25,7 +25,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kafkasidecar.v1 import consumer_pb2 as pb
-
 from tests.localkafka import LocalKafka, committed_offsets, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription
 

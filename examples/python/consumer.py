@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+
 from kafkasidecar.v1 import consumer_pb2 as pb
 from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
 
