@@ -261,10 +261,25 @@ class KafkaConfig(_Section):
         return self
 
 
+def _octal_mode(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ValueError("must be an octal file mode such as 0660") from None
+    return value
+
+
 class ListenConfig(_Section):
     grpc: _GrpcAddresses = ["127.0.0.1:50051"]
     metrics: _Blankable[Annotated[str, AfterValidator(_listen_address)]] = "127.0.0.1:9464"
+    #: A second gRPC listener that serves only grpc.health.v1: lets Kubernetes probe the pod
+    #: IP while the consumer API stays on loopback and the Unix socket.
+    health: _Blankable[Annotated[str, AfterValidator(_listen_address)]] = None
     auth_token: _Blankable[SecretStr] = None
+    #: File mode of Unix sockets. 0666 reaches as far as a loopback TCP port does (every
+    #: local user, every container of the pod); narrow it, or set auth_token, to restrict.
+    unix_socket_mode: Annotated[int, BeforeValidator(_octal_mode), Field(ge=0, le=0o777)] = 0o666
 
 
 class BatchConfig(_Section):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -89,6 +90,17 @@ class GroupConsumer:
             group_instance_id=consumer.group_instance_id,
             **self._client_kwargs,
         )
+
+    async def missing_topics(self) -> list[str]:
+        """Subscribed topics the cluster does not have. aiokafka would wait a request timeout
+        and fail with a bare UnknownTopicOrPartitionError; this names them at once."""
+        client = AIOKafkaClient(**self._client_kwargs)
+        try:
+            await client.bootstrap()
+            metadata = await client.fetch_all_metadata()
+        finally:
+            await client.close()
+        return [topic for topic in self.config.topics if topic not in metadata.topics()]
 
     async def start(self) -> None:
         """Joins the group. A consumer that left (or failed to start) is replaced: aiokafka

@@ -91,6 +91,8 @@ class Sidecar:
                 config.listen.grpc,
                 subscriptions,
                 auth_token.get_secret_value() if auth_token else None,
+                health_address=config.listen.health,
+                unix_socket_mode=config.listen.unix_socket_mode,
             )
             await server.start()
             if config.listen.metrics:

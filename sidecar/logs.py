@@ -31,34 +31,41 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class BrokerReconnects(logging.Filter):
-    """aiokafka logs every dropped broker connection at error level. On MSK that happens at
-    every session end (about every 15 minutes per connection: aiokafka cannot
-    re-authenticate, KIP-368) and aiokafka reconnects by itself, so these are routine:
-    logged at info, and counted."""
+class AiokafkaNoise(logging.Filter):
+    """Keeps aiokafka's routine events from looking like failures.
 
-    _SIGNS = ("KafkaConnectionError", "coordinator dead", "Connection at ")
+    aiokafka logs every dropped broker connection at error level. On MSK that happens at
+    every session end (about every 15 minutes per connection: aiokafka cannot re-authenticate,
+    KIP-368) and aiokafka reconnects by itself, so these become info lines, counted. It also
+    logs a missing subscribed topic at error level on every metadata refresh (ten times a
+    second); the sidecar says that once itself, so those are dropped.
+    """
+
+    _RECONNECT_SIGNS = ("KafkaConnectionError", "coordinator dead", "Connection at ")
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.reconnects = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and record.name.startswith("aiokafka"):
-            message = record.getMessage()
-            if any(sign in message for sign in self._SIGNS):
-                record.levelno, record.levelname = logging.INFO, "INFO"
-                self.count += 1
+        if record.levelno < logging.WARNING or not record.name.startswith("aiokafka"):
+            return True
+        if record.msg == "Topic %s not found in cluster metadata":
+            return False
+        message = record.getMessage()
+        if any(sign in message for sign in self._RECONNECT_SIGNS):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            self.reconnects += 1
         return True
 
 
 #: Counts broker disconnects aiokafka recovered from (for metrics).
-broker_reconnects = BrokerReconnects()
+aiokafka_noise = AiokafkaNoise()
 
 
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(broker_reconnects)
+    handler.addFilter(aiokafka_noise)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

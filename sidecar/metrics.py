@@ -56,7 +56,7 @@ class SidecarCollector(Collector):
             "kafka_sidecar_broker_reconnects",
             "Broker connections dropped and re-established (MSK ends IAM sessions at token expiry)",
         )
-        reconnects.add_metric([], logs.broker_reconnects.count)
+        reconnects.add_metric([], logs.aiokafka_noise.reconnects)
         yield reconnects
         refreshes = CounterMetricFamily(
             "kafka_sidecar_token_refreshes", "MSK IAM tokens signed (first one included)"

@@ -167,18 +167,23 @@ def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Value
 
 
 class Server:
-    """grpc.aio server on the configured addresses (TCP and/or Unix socket)."""
+    """The consumer API on the configured addresses (TCP and/or Unix socket), plus an optional
+    health-only listener for probes that must reach the pod IP."""
 
     def __init__(
         self,
         addresses: list[str],
         subscriptions: Mapping[str, Subscription],
         auth_token: str | None,
+        *,
+        health_address: str | None = None,
+        unix_socket_mode: int = 0o666,
     ) -> None:
         self.addresses = addresses
         self.service = ConsumerService(subscriptions, auth_token)
         self.health = health.aio.HealthServicer()
         self._subscriptions = list(subscriptions)
+        self._unix_socket_mode = unix_socket_mode
         self.serving: dict[str, bool] = {}
         self._server = grpc.aio.server(
             options=[
@@ -194,9 +199,15 @@ class Server:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
+        self._health_address = health_address
+        self._health_server: grpc.aio.Server | None = None
+        if health_address:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.bound: list[str] = []
 
     async def start(self) -> None:
+        sockets = []
         for address in self.addresses:
             if address.startswith("unix://"):
                 # Once at startup, before serving: blocking file calls are harmless here.
@@ -204,20 +215,20 @@ class Server:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if path.is_socket():  # noqa: ASYNC240
                     path.unlink()  # noqa: ASYNC240 - left by a killed predecessor
-            try:
-                port = self._server.add_insecure_port(address)
-            except RuntimeError as exc:
-                raise OSError(f"listen.grpc: cannot listen on {address}: {exc}") from exc
-            if not address.startswith("unix://") and port == 0:
-                raise OSError(f"listen.grpc: cannot listen on {address}")
-            bound = address
-            if not address.startswith("unix://") and address.endswith(":0"):
-                bound = f"{address.rsplit(':', 1)[0]}:{port}"
-            self.bound.append(bound)
+                sockets.append(path)
+            self.bound.append(_bind(self._server, address, "listen.grpc"))
+        if self._health_server is not None and self._health_address:
+            _bind(self._health_server, self._health_address, "listen.health")
+            await self._health_server.start()
         await self._server.start()
+        for path in sockets:
+            path.chmod(self._unix_socket_mode)
         for name in self._subscriptions:
             await self.set_health(name, serving=False)
-        log.info("listening", extra={"addresses": self.bound, "pid": os.getpid()})
+        log.info(
+            "listening",
+            extra={"addresses": self.bound, "health": self._health_address, "pid": os.getpid()},
+        )
 
     async def set_health(self, subscription: str, serving: bool) -> None:
         """One subscription's health; the overall status is SERVING only if all are."""
@@ -230,3 +241,18 @@ class Server:
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+
+
+def _bind(server: grpc.aio.Server, address: str, key: str) -> str:
+    """Adds a listening address; returns it with the real port when ":0" was asked."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"{key}: cannot listen on {address}: {exc}") from exc
+    if address.startswith("unix://"):
+        return address
+    if port == 0:
+        raise OSError(f"{key}: cannot listen on {address}")
+    return f"{address.rsplit(':', 1)[0]}:{port}" if address.endswith(":0") else address

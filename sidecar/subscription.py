@@ -191,17 +191,26 @@ class GroupSubscription(Subscription):
         backoff = 1.0
         while True:
             try:
+                if missing := await self.consumer.missing_topics():
+                    raise LookupError(
+                        f"subscription {self.name!r}: topics {missing} do not exist (the "
+                        "sidecar never creates topics); waiting for them"
+                    )
                 await self.consumer.start()
                 break
             except Exception as exc:
                 self.serving = False
                 await set_health(False)
                 log.error(
-                    "cannot start consumer; retrying",
-                    extra={"subscription": self.name, "error": repr(exc), "retry_in_s": backoff},
+                    "cannot join the group; retrying",
+                    extra={
+                        "subscription": self.name,
+                        "error": str(exc) if isinstance(exc, LookupError) else repr(exc),
+                        "retry_in_s": backoff,
+                    },
                 )
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 10.0)
         self.joined = True
         self.serving = True
         await set_health(True)

@@ -75,6 +75,7 @@ class SidecarProcess:
         auth_token: str | None = None,
         tcp: str | None = None,
         metrics: str | None = None,
+        listen: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -91,6 +92,7 @@ class SidecarProcess:
         }
         if auth_token:
             config["listen"]["auth_token"] = auth_token
+        config["listen"].update(listen or {})
         config.update(extra or {})
         self.config_path = self.dir / "sidecar.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

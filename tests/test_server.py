@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import socket
+import stat
+import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.sidecarproc import SidecarProcess, group_subscription
+from kafkasidecar.v1 import consumer_pb2 as pb
+from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
+from tests.localkafka import LocalKafka
+from tests.sidecarproc import AppStream, SidecarProcess, group_subscription
 
 TopicFactory = Callable[..., Awaitable[str]]
 StartSidecar = Callable[..., Awaitable[SidecarProcess]]
@@ -52,3 +62,59 @@ async def test_reflection_and_health_on_tcp_and_unix_socket(
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await health.Check(health_pb2.HealthCheckRequest(service="no-such-subscription"))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_only_listener_and_socket_mode(
+    new_topic: TopicFactory, start_sidecar: StartSidecar
+) -> None:
+    """Probes can reach a health-only port while the consumer API stays on loopback/socket."""
+    topic = await new_topic()
+    port = free_port()
+    sidecar = await start_sidecar(
+        [group_subscription("probed", topic)],
+        listener="plaintext",
+        listen={"health": f"127.0.0.1:{port}", "unix_socket_mode": "0600"},
+    )
+    assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o600
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="probed")
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        status = pb_grpc.ConsumerServiceStub(channel).GetStatus(pb.GetStatusRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await status
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_missing_topic_is_named_and_waited_for(
+    kafka: LocalKafka, producer: AIOKafkaProducer
+) -> None:
+    topic = f"created-later-{uuid.uuid4().hex[:8]}"
+    sidecar = SidecarProcess(kafka, [group_subscription("later", topic)], listener="plaintext")
+    sidecar.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+    await admin.start()
+    try:
+        async with asyncio.timeout(60):
+            while "do not exist" not in sidecar.logs():
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # ten metadata refreshes' worth of chances to flood the log
+        assert "not found in cluster metadata" not in sidecar.logs()
+        with pytest.raises(TimeoutError):
+            await sidecar.wait_serving("later", timeout=1)
+        assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o666  # the default
+
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+        await producer.send_and_wait(topic, b"here")
+        await sidecar.wait_serving("later")
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            app = AppStream(channel)
+            await app.open("later")
+            assert [r.value for r in (await app.next("batch")).batch.records] == [b"here"]
+            app.close()
+    finally:
+        sidecar.stop()
+        with contextlib.suppress(Exception):
+            await admin.delete_topics([topic])
+        await admin.close()
