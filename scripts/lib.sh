@@ -1,6 +1,7 @@
 # Shared by scripts/test and scripts/demo (sourced, not run).
 
-# Makes .venv (or $KAFKA_SIDECAR_VENV) and installs the project with its dev extra into it.
+# Makes .venv (or $KAFKA_SIDECAR_VENV) and installs the project with its dev extra into it,
+# and the Python client (clients/python, its own distribution) editable beside it.
 ensure_venv() {
   command -v python3 >/dev/null || { echo "python3 not found (3.11+ needed)" >&2; exit 1; }
   VENV=${KAFKA_SIDECAR_VENV:-.venv}
@@ -8,7 +9,8 @@ ensure_venv() {
     python3 -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+  # In one command, so the sidecar's dependency on kafka-sidecar-client resolves to the checkout.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e clients/python -e '.[dev]' 
 }
 
 # Starts the local broker unless it runs; stops it on exit only if this script started it.

@@ -603,7 +603,7 @@ class Dispatcher:
                 for pending in list(batch.records.values()):
                     self._take_back(stream, batch, pending, "deadline")
                     self._retry(pending, now, 0, "ack deadline passed")
-                self._close_batch(stream, batch, pb.REJECT_REASON_UNKNOWN)
+                self._close_batch(stream, batch, pb.REJECT_REASON_EXPIRED)
 
 
 _REJECT_MESSAGES: dict[int, str] = {
@@ -611,6 +611,7 @@ _REJECT_MESSAGES: dict[int, str] = {
     pb.REJECT_REASON_ALREADY_SETTLED: "already settled",
     pb.REJECT_REASON_REVOKED: "partition revoked: the record goes to its next owner",
     pb.REJECT_REASON_INVALID: "invalid request",
+    pb.REJECT_REASON_EXPIRED: "its ack deadline passed; it was redelivered",
 }
 
 

@@ -198,7 +198,9 @@ async def test_ack_deadline_redelivers_and_stale_acks_are_rejected(
         assert [r.offset for r in again.records] == [r.offset for r in first.records]
         assert {r.delivery_attempt for r in again.records} == {2}
         app.ack(batch_ids=[first.batch_id])
-        assert list((await app.next("rejected")).rejected.batch_ids) == [first.batch_id]
+        rejected = (await app.next("rejected")).rejected
+        assert list(rejected.batch_ids) == [first.batch_id]
+        assert rejected.reason == pb.REJECT_REASON_EXPIRED
         app.ack(batch_ids=[again.batch_id])
         await wait_committed(kafka, sub["group_id"], topic)
         app.close()

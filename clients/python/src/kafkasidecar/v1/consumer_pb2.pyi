@@ -122,6 +122,8 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     """Its partition was revoked (or its offsets reset); it goes to the partition's next owner."""
     REJECT_REASON_INVALID: _RejectReason.ValueType  # 4
     """Malformed: e.g. a nack action the sidecar does not know."""
+    REJECT_REASON_EXPIRED: _RejectReason.ValueType  # 5
+    """Its ack deadline passed: it was taken back and redelivered (look for the newer delivery)."""
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper): ...
 
@@ -134,6 +136,8 @@ REJECT_REASON_REVOKED: RejectReason.ValueType  # 3
 """Its partition was revoked (or its offsets reset); it goes to the partition's next owner."""
 REJECT_REASON_INVALID: RejectReason.ValueType  # 4
 """Malformed: e.g. a nack action the sidecar does not know."""
+REJECT_REASON_EXPIRED: RejectReason.ValueType  # 5
+"""Its ack deadline passed: it was taken back and redelivered (look for the newer delivery)."""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
 class _ResetTarget:
