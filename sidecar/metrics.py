@@ -153,6 +153,11 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         "kafka_sidecar_subscription_serving", "1 when the subscription is healthy", labels=labels
     )
+    window = GaugeMetricFamily(
+        "kafka_sidecar_window_limit",
+        "Per-stream flow-control window (config caps; an app may ask for less)",
+        labels=["subscription", "kind"],
+    )
     lag = GaugeMetricFamily(
         "kafka_sidecar_consumer_lag",
         "High watermark minus the committable offset, per assigned partition",
@@ -168,6 +173,10 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
         size.add_metric([name], sum(f[2] for f in flights))
         buffered.add_metric([name], sum(len(d.backlog) for d in dispatchers))
         up.add_metric([name], 1 if sub.serving else 0)
+        limits = sub.config.window
+        window.add_metric([name, "batches"], limits.max_outstanding_batches)
+        window.add_metric([name, "records"], limits.max_outstanding_records)
+        window.add_metric([name, "bytes"], limits.max_outstanding_bytes)
         if not isinstance(sub, GroupSubscription):
             continue
         dispatcher = sub.dispatcher
@@ -180,7 +189,7 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
             lag.add_metric(
                 [name, topic, str(partition)], max(highwater - ledger.commit_offset(), 0)
             )
-    yield from (streams, batches, records, size, buffered, up, lag)
+    yield from (streams, batches, records, size, buffered, up, window, lag)
 
 
 def serve(

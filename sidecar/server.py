@@ -217,14 +217,16 @@ class Server:
                     path.unlink()  # noqa: ASYNC240 - left by a killed predecessor
                 sockets.append(path)
             self.bound.append(_bind(self._server, address, "listen.grpc"))
+        # NOT_SERVING before anything listens: a probe must never see SERVING before the
+        # group is joined.
+        for name in self._subscriptions:
+            await self.set_health(name, serving=False)
         if self._health_server is not None and self._health_address:
             _bind(self._health_server, self._health_address, "listen.health")
             await self._health_server.start()
         await self._server.start()
         for path in sockets:
             path.chmod(self._unix_socket_mode)
-        for name in self._subscriptions:
-            await self.set_health(name, serving=False)
         log.info(
             "listening",
             extra={"addresses": self.bound, "health": self._health_address, "pid": os.getpid()},

@@ -1,0 +1,64 @@
+# kafka-sidecar container image.
+#
+#   docker build -t kafka-sidecar .                      # or: podman build -t kafka-sidecar .
+#   docker run -v $PWD/sidecar.yaml:/etc/kafka-sidecar/config.yaml:ro kafka-sidecar
+#
+# Build args:
+#   BASE_IMAGE  an image with Python 3.11+ (with its venv module) and CA certificates; the
+#               official slim Python image by default. Both stages use it, so the venv built
+#               in the first finds the same interpreter in the second.
+#   PYTHON      the interpreter to build the venv with (python3: /usr/local/bin/python3 in the
+#               official image, /usr/bin/python3 in a Debian one).
+#   PIP_CERT    a CA bundle for pip, for builds behind a TLS-inspecting proxy (mount it with
+#               the builder's -v/--secret); a build arg so it never lands in the image.
+#   UID         the numeric user the sidecar runs as (not root).
+#
+# The final stage is the base plus the venv: no compilers, no pip, no build tools.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS builder
+ARG PYTHON=python3
+ARG PIP_CERT=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+WORKDIR /src
+# Only what the wheel needs (.dockerignore keeps the rest of the checkout out of the context).
+COPY pyproject.toml README.md ./
+COPY sidecar/ sidecar/
+COPY clients/python/pyproject.toml clients/python/README.md clients/python/
+COPY clients/python/src/kafkasidecar/ clients/python/src/kafkasidecar/
+# An empty PIP_CERT must not reach pip (it would read it as a path), hence the shell test.
+RUN if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
+    && "$PYTHON" -m venv /opt/kafka-sidecar \
+    && /opt/kafka-sidecar/bin/python -m pip install --no-cache-dir /src/clients/python /src \
+    && /opt/kafka-sidecar/bin/python -m pip uninstall --yes pip setuptools \
+    && /opt/kafka-sidecar/bin/kafka-sidecar --version
+
+FROM ${BASE_IMAGE}
+ARG UID=10001
+LABEL org.opencontainers.image.title="kafka-sidecar" \
+      org.opencontainers.image.description="Consumes Kafka (AWS MSK with IAM auth) for an app and streams batches to it over gRPC" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# A real passwd entry (not only a numeric USER): some libraries look the user up.
+RUN useradd --no-log-init --uid "$UID" --user-group \
+      --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin kafka-sidecar \
+    && mkdir -p /etc/kafka-sidecar /var/run/kafka-sidecar \
+    && chown "$UID:$UID" /var/run/kafka-sidecar
+COPY --from=builder /opt/kafka-sidecar /opt/kafka-sidecar
+# The .pyc files were compiled at install; a read-only root filesystem cannot take new ones.
+ENV PATH=/opt/kafka-sidecar/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    KAFKA_SIDECAR_CONFIG=/etc/kafka-sidecar/config.yaml
+USER ${UID}:${UID}
+# gRPC for apps (the config's listen.grpc, 127.0.0.1 by default, which the other containers of
+# a pod share; a Unix socket under /var/run/kafka-sidecar is the other choice), the health-only
+# gRPC listener for probes (listen.health, off by default; the Helm chart puts it on 50052 on
+# the pod IP) and Prometheus metrics (listen.metrics, 127.0.0.1 by default; the chart binds
+# the pod IP, since Prometheus scrapes from outside the pod).
+EXPOSE 50051 50052 9464
+# The sidecar itself is PID 1: it handles SIGTERM (drain, commit, leave the group, exit 0).
+ENTRYPOINT ["kafka-sidecar"]
+CMD ["run"]
