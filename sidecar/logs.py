@@ -42,6 +42,8 @@ class AiokafkaNoise(logging.Filter):
     """
 
     _RECONNECT_SIGNS = ("KafkaConnectionError", "coordinator dead", "Connection at ")
+    #: Follows a connection the broker closed mid-request (aiokafka retries on its own).
+    _RECONNECT_TEMPLATES = frozenset({"Unable to update metadata from %s"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,7 +55,9 @@ class AiokafkaNoise(logging.Filter):
         if record.msg == "Topic %s not found in cluster metadata":
             return False
         message = record.getMessage()
-        if any(sign in message for sign in self._RECONNECT_SIGNS):
+        if record.msg in self._RECONNECT_TEMPLATES or any(
+            sign in message for sign in self._RECONNECT_SIGNS
+        ):
             record.levelno, record.levelname = logging.INFO, "INFO"
             self.reconnects += 1
         return True
