@@ -112,14 +112,7 @@ class DeadLetterWriter:
                         await set_healthy(False)
                     log.error(
                         "dead-letter write failed; the record stays unsettled and is retried",
-                        extra={
-                            "topic": letter.pending.tp[0],
-                            "partition": letter.pending.tp[1],
-                            "offset": letter.pending.offset,
-                            "dlq_topic": self.topic,
-                            "error": repr(exc),
-                            "retry_in_s": backoff,
-                        },
+                        extra={**self._where(letter), "error": repr(exc), "retry_in_s": backoff},
                     )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
@@ -141,13 +134,13 @@ class DeadLetterWriter:
             key=record.key if record.HasField("key") else None,
             headers=dlq_headers(letter, self.group_id, int(time.time() * 1000)),
         )
-        log.info(
-            "dead-lettered",
-            extra={
-                "topic": letter.pending.tp[0],
-                "partition": letter.pending.tp[1],
-                "offset": letter.pending.offset,
-                "dlq_topic": self.topic,
-                "reason": letter.reason,
-            },
-        )
+        log.info("dead-lettered", extra={**self._where(letter), "reason": letter.reason})
+
+    def _where(self, letter: DeadLetter) -> dict[str, object]:
+        topic, partition = letter.pending.tp
+        return {
+            "topic": topic,
+            "partition": partition,
+            "offset": letter.pending.offset,
+            "dlq_topic": self.topic,
+        }

@@ -251,9 +251,9 @@ class Dispatcher:
 
     def add(self, tp: TopicPartition, records: list[Any]) -> None:
         """Fetched records of one partition, in offset order."""
-        if not records or tp in self.revoking:
-            # A revoking partition's records belong to its next owner; not tracking them keeps
-            # the commit from passing them.
+        if not records or tp in self.revoking or tp not in self.assigned:
+            # A revoking (or no longer owned) partition's records belong to its next owner;
+            # not tracking them keeps the commit from passing them.
             return
         if self.ledger.partition(tp) is None:
             # The first record fetched after assignment is where this owner's ledger starts.
