@@ -15,19 +15,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafkasidecar.v1 import consumer_pb2 as pb
-
 TopicPartition = tuple[str, int]
 
 
 @dataclass(slots=True, eq=False)
 class Pending:
-    """One record owed to the app: its wire form plus what delivery needs to know."""
+    """One record owed to the app, as fetched, plus what delivery needs to know."""
 
     tp: TopicPartition
     offset: int
     size: int
-    record: pb.Record
+    #: The aiokafka ConsumerRecord. Its wire form is built straight into each batch it goes
+    #: out in (building it once and copying it into batches costs more).
+    message: Any
     #: Deliveries so far; the next one is `attempts + 1` (the record's `delivery_attempt`).
     attempts: int = 0
     #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,81 @@ class ConsumerStats:
     rebalances: int = 0
 
 
+class Fetcher:
+    """Polls a consumer into a dispatcher, with pause-while-polling backpressure.
+
+    A partition with two batches' worth waiting is paused and resumed below one: the gap
+    keeps it from flapping, since pausing throws away what aiokafka prefetched for it. Polling
+    goes on with everything paused (it keeps the group membership: aiokafka's `getmany`
+    resets the poll-interval clock either way), and memory stays bounded by these thresholds
+    and the streams' windows, not by the topic's backlog.
+    """
+
+    def __init__(
+        self, consumer: AIOKafkaConsumer, dispatcher: Dispatcher, config: SubscriptionConfig
+    ) -> None:
+        self.consumer = consumer
+        self.dispatcher = dispatcher
+        self.config = config
+        self.paused: set[TopicPartition] = set()
+
+    async def run(
+        self,
+        stop: Callable[[], bool] = lambda: False,
+        after_poll: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        resumer = asyncio.create_task(self._resume_on_room())
+        try:
+            while not stop():
+                try:
+                    fetched = await self.consumer.getmany(
+                        timeout_ms=200, max_records=self.config.batch.max_records * 2
+                    )
+                except KafkaError as exc:
+                    log.warning(
+                        "fetch failed; retrying",
+                        extra={"subscription": self.config.name, "error": repr(exc)},
+                    )
+                    await asyncio.sleep(1)
+                    continue
+                for tp, records in fetched.items():
+                    self.dispatcher.add((tp.topic, tp.partition), records)
+                self.apply()
+                if after_poll is not None:
+                    await after_poll()
+        finally:
+            resumer.cancel()
+
+    async def _resume_on_room(self) -> None:
+        """Resumes as soon as batches went out, not at the next poll: a poll with every
+        partition paused only returns after its timeout."""
+        drained = self.dispatcher.drained
+        while True:
+            await drained.wait()
+            drained.clear()
+            if self.paused:
+                self.apply()
+
+    def apply(self) -> None:
+        batch = self.config.batch
+        assignment = self.consumer.assignment()
+        self.paused &= assignment
+        pause, resume = [], []
+        for tp in assignment:
+            records, size = self.dispatcher.backlog.buffered((tp.topic, tp.partition))
+            if tp in self.paused:
+                if records < batch.max_records and size < batch.max_bytes:
+                    resume.append(tp)
+            elif records >= 2 * batch.max_records or size >= 2 * batch.max_bytes:
+                pause.append(tp)
+        if pause:
+            self.consumer.pause(*pause)
+            self.paused.update(pause)
+        if resume:
+            self.consumer.resume(*resume)
+            self.paused.difference_update(resume)
+
+
 class GroupConsumer:
     """Fetch → dispatcher, ledger → commits, for one `mode: group` subscription."""
 
@@ -70,7 +146,6 @@ class GroupConsumer:
         self._client_kwargs = client_kwargs
         self.stats = ConsumerStats()
         self._stopping = False
-        self._paused: set[TopicPartition] = set()
         self.consumer = self._new_consumer()
 
     def _new_consumer(self) -> AIOKafkaConsumer:
@@ -108,7 +183,6 @@ class GroupConsumer:
         if self.consumer._closed:
             self.consumer = self._new_consumer()
         self._stopping = False
-        self._paused.clear()
         self.consumer.subscribe(self.config.topics, listener=_Rebalance(self))
         try:
             await self.consumer.start()
@@ -117,41 +191,7 @@ class GroupConsumer:
             raise
 
     async def run(self) -> None:
-        """The poll loop. Never blocks on the app: a full backlog pauses, it doesn't wait."""
-        limit = self.config.batch.max_records
-        while not self._stopping:
-            try:
-                fetched = await self.consumer.getmany(timeout_ms=200, max_records=limit)
-            except KafkaError as exc:
-                log.warning(
-                    "fetch failed; retrying",
-                    extra={"subscription": self.config.name, "error": repr(exc)},
-                )
-                await asyncio.sleep(1)
-                continue
-            for tp, records in fetched.items():
-                self.dispatcher.add((tp.topic, tp.partition), records)
-            self._backpressure()
-
-    def _backpressure(self) -> None:
-        """Pauses partitions with a batch's worth waiting; resumes them at half of that."""
-        batch = self.config.batch
-        assignment = self.consumer.assignment()
-        self._paused &= assignment
-        pause, resume = [], []
-        for tp in assignment:
-            records, size = self.dispatcher.backlog.buffered((tp.topic, tp.partition))
-            if tp in self._paused:
-                if records < max(batch.max_records // 2, 1) and size < batch.max_bytes // 2:
-                    resume.append(tp)
-            elif records >= batch.max_records or size >= batch.max_bytes:
-                pause.append(tp)
-        if pause:
-            self.consumer.pause(*pause)
-            self._paused.update(pause)
-        if resume:
-            self.consumer.resume(*resume)
-            self._paused.difference_update(resume)
+        await Fetcher(self.consumer, self.dispatcher, self.config).run(lambda: self._stopping)
 
     async def commit_loop(self) -> None:
         interval = self.config.commit_interval_ms / 1000

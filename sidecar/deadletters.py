@@ -40,15 +40,13 @@ def dlq_headers(
     letter: DeadLetter, group_id: str, failed_at_ms: int
 ) -> list[tuple[str, bytes | None]]:
     """The original headers, in order, then the x-dlq-* headers of docs/DESIGN.md §4.6."""
-    record = letter.pending.record
-    headers: list[tuple[str, bytes | None]] = [
-        (h.key, h.value if h.HasField("value") else None) for h in record.headers
-    ]
+    message = letter.pending.message
+    headers: list[tuple[str, bytes | None]] = list(message.headers)
     extra = {
-        "x-dlq-original-topic": record.topic,
-        "x-dlq-original-partition": str(record.partition),
-        "x-dlq-original-offset": str(record.offset),
-        "x-dlq-original-timestamp": str(record.timestamp_ms),
+        "x-dlq-original-topic": message.topic,
+        "x-dlq-original-partition": str(message.partition),
+        "x-dlq-original-offset": str(message.offset),
+        "x-dlq-original-timestamp": str(message.timestamp),
         "x-dlq-consumer-group": group_id,
         "x-dlq-reason": letter.reason,
         "x-dlq-attempts": str(letter.pending.attempts),
@@ -127,11 +125,11 @@ class DeadLetterWriter:
                 break
 
     async def _write(self, letter: DeadLetter) -> None:
-        record = letter.pending.record
+        message = letter.pending.message
         await self._producer.send_and_wait(
             self.topic,
-            value=record.value if record.HasField("value") else None,
-            key=record.key if record.HasField("key") else None,
+            value=message.value,
+            key=message.key,
             headers=dlq_headers(letter, self.group_id, int(time.time() * 1000)),
         )
         log.info("dead-lettered", extra={**self._where(letter), "reason": letter.reason})

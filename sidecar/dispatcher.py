@@ -95,37 +95,41 @@ class Stream:
         self.outbox.put_nowait(message)
 
 
-def _record_size(key: bytes | None, value: bytes | None, headers: Iterable[Any]) -> int:
-    size = (len(key) if key else 0) + (len(value) if value else 0)
-    for hkey, hvalue in headers:
-        size += len(hkey) + (len(hvalue) if hvalue else 0)
-    return size
-
-
 def to_pending(message: Any, now: float) -> Pending:
-    """An aiokafka ConsumerRecord in wire form. Built once per record, at fetch."""
-    headers = [
-        pb.Header(key=k) if v is None else pb.Header(key=k, value=v) for k, v in message.headers
-    ]
-    record = pb.Record(
+    """A fetched record, sized for the flow-control windows (key, value and headers)."""
+    key, value = message.key, message.value
+    size = (len(key) if key else 0) + (len(value) if value else 0)
+    for hkey, hvalue in message.headers:
+        size += len(hkey) + (len(hvalue) if hvalue else 0)
+    return Pending(
+        tp=(message.topic, message.partition),
+        offset=message.offset,
+        size=size,
+        message=message,
+        since=now,
+    )
+
+
+def _add_record(batch: pb.Batch, pending: Pending) -> None:
+    """The record's wire form, built in place in the batch: absent key/value/header value
+    mean null, so they are only set when present."""
+    message = pending.message
+    record = batch.records.add(
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
-        headers=headers,
         timestamp_ms=message.timestamp,
         timestamp_type=message.timestamp_type + 1,
+        delivery_attempt=pending.attempts,
     )
     if message.key is not None:
         record.key = message.key
     if message.value is not None:
         record.value = message.value
-    return Pending(
-        tp=(message.topic, message.partition),
-        offset=message.offset,
-        size=_record_size(message.key, message.value, message.headers),
-        record=record,
-        since=now,
-    )
+    for hkey, hvalue in message.headers:
+        header = record.headers.add(key=hkey)
+        if hvalue is not None:
+            header.value = hvalue
 
 
 class Dispatcher:
@@ -162,6 +166,8 @@ class Dispatcher:
         self._inflight: dict[TopicPartition, int] = {}
         #: Set whenever a stream attaches or detaches (the group membership follows streams).
         self.streams_changed = asyncio.Event()
+        #: Set whenever batches went out: the backlog has room again (resume fetching).
+        self.drained = asyncio.Event()
         self._stream_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
@@ -328,8 +334,7 @@ class Dispatcher:
             if batch is None:
                 rejected.batch(batch_id, self._why_no_batch(stream, batch_id))
                 continue
-            for pending in list(batch.records.values()):
-                self._settle(stream, batch, pending)
+            self._settle_batch(stream, batch)
         for ref in request.records:
             found = self._find(stream, ref)
             if isinstance(found, tuple):
@@ -450,6 +455,27 @@ class Dispatcher:
                 extra={"topic": pending.tp[0], "partition": pending.tp[1], "outcome": outcome},
             )
 
+    def _settle_batch(self, stream: Stream, batch: _Batch) -> None:
+        """Every unsettled record of a batch, in one pass: the common ack, kept lean."""
+        counts: dict[TopicPartition, int] = {}
+        size = 0
+        index, settle, tracing = stream.index, self.ledger.settle, self.tracing
+        for key, pending in batch.records.items():
+            del index[key]
+            tp = pending.tp
+            counts[tp] = counts.get(tp, 0) + 1
+            size += pending.size
+            if tracing is not None:
+                tracing.ended(pending, "ack")
+            settle(tp, pending.offset)
+        settled = len(batch.records)
+        stream.out_records -= settled
+        stream.out_bytes -= size
+        for tp, count in counts.items():
+            self._release(tp, count)
+        del stream.batches[batch.id]
+        self.stats.acked += settled
+
     def _take_back(self, stream: Stream, batch: _Batch, pending: Pending, outcome: str) -> None:
         """Removes a record from what the stream holds (settled, or to be redelivered)."""
         self._end_span(pending, outcome)
@@ -472,8 +498,8 @@ class Dispatcher:
         if len(stream.closed_batches) > _CLOSED_BATCH_MEMORY:
             del stream.closed_batches[next(iter(stream.closed_batches))]
 
-    def _release(self, tp: TopicPartition) -> None:
-        left = self._inflight.get(tp, 0) - 1
+    def _release(self, tp: TopicPartition, count: int = 1) -> None:
+        left = self._inflight.get(tp, 0) - count
         if left > 0:
             self._inflight[tp] = left
         else:
@@ -558,29 +584,33 @@ class Dispatcher:
             records={},
         )
         stream.next_batch_id += 1
-        redelivered = 0
+        wire = pb.Batch(batch_id=batch.id)
+        redelivered = size = 0
+        counts: dict[TopicPartition, int] = {}
         tracing = self.tracing
+        index = stream.index
         for pending in records:
             if pending.attempts:
                 redelivered += 1
             pending.attempts += 1
-            pending.record.delivery_attempt = pending.attempts
+            _add_record(wire, pending)
             if tracing is not None:
                 tracing.delivered(pending, self.group_id)
-            key = (pending.tp[0], pending.tp[1], pending.offset)
+            tp = pending.tp
+            key = (tp[0], tp[1], pending.offset)
             batch.records[key] = pending
-            stream.index[key] = batch.id
-            stream.out_records += 1
-            stream.out_bytes += pending.size
-            self._inflight[pending.tp] = self._inflight.get(pending.tp, 0) + 1
+            index[key] = batch.id
+            size += pending.size
+            counts[tp] = counts.get(tp, 0) + 1
+        for tp, count in counts.items():
+            self._inflight[tp] = self._inflight.get(tp, 0) + count
+        stream.out_records += len(records)
+        stream.out_bytes += size
         stream.batches[batch.id] = batch
         self.stats.delivered += len(records)
         self.stats.redelivered += redelivered
-        stream.send(
-            pb.ConsumeResponse(
-                batch=pb.Batch(batch_id=batch.id, records=[p.record for p in records])
-            )
-        )
+        self.drained.set()
+        stream.send(pb.ConsumeResponse(batch=wire))
 
     def _next_deadline(self) -> float | None:
         deadlines = [b.deadline for s in self.streams.values() for b in s.batches.values()]

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from sidecar.config import SubscriptionConfig
-from sidecar.consumer import close_consumer
+from sidecar.consumer import Fetcher, close_consumer
 from sidecar.dispatcher import Dispatcher, Stream
 
 log = logging.getLogger("sidecar.snapshot")
@@ -97,27 +97,16 @@ class SnapshotReader:
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         next_check = loop.time() + PARTITION_CHECK_S
-        batch = self.config.batch
-        paused: set[TopicPartition] = set()
-        await self._check_caught_up()
-        while True:
-            fetched = await self.consumer.getmany(timeout_ms=200, max_records=batch.max_records)
-            for tp, records in fetched.items():
-                self.dispatcher.add((tp.topic, tp.partition), records)
-            # Same backpressure as a group consumer: pause what has a batch waiting.
-            for tp in self.consumer.assignment():
-                waiting, size = self.dispatcher.backlog.buffered((tp.topic, tp.partition))
-                full = waiting >= batch.max_records or size >= batch.max_bytes
-                if full and tp not in paused:
-                    self.consumer.pause(tp)
-                    paused.add(tp)
-                elif tp in paused and waiting < max(batch.max_records // 2, 1):
-                    self.consumer.resume(tp)
-                    paused.discard(tp)
+
+        async def after_poll() -> None:
+            nonlocal next_check
             await self._check_caught_up()
             if loop.time() >= next_check:
                 next_check = loop.time() + PARTITION_CHECK_S
                 await self._assign(await self._partitions())
+
+        await self._check_caught_up()
+        await Fetcher(self.consumer, self.dispatcher, self.config).run(after_poll=after_poll)
 
     async def _check_caught_up(self) -> None:
         if self.caught_up:

@@ -59,25 +59,25 @@ class Tracing:
 
     def delivered(self, pending: Pending, group_id: str) -> None:
         """The record goes out to the app: start its span if it carries trace context."""
+        message = pending.message
         carrier = {
-            h.key: h.value.decode("latin-1")
-            for h in pending.record.headers
-            if h.key in _CONTEXT_HEADERS and h.HasField("value")
+            key: value.decode("latin-1")
+            for key, value in message.headers
+            if key in _CONTEXT_HEADERS and value is not None
         }
         if "traceparent" not in carrier:
             return
-        record = pending.record
         attributes: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
-            "messaging.destination.name": record.topic,
-            "messaging.destination.partition.id": str(record.partition),
-            "messaging.kafka.offset": record.offset,
+            "messaging.destination.name": message.topic,
+            "messaging.destination.partition.id": str(message.partition),
+            "messaging.kafka.offset": message.offset,
             "messaging.consumer.group.name": group_id,
-            "kafka_sidecar.delivery_attempt": record.delivery_attempt,
+            "kafka_sidecar.delivery_attempt": pending.attempts,
         }
         pending.span = self._tracer.start_span(
-            f"process {record.topic}",
+            f"process {message.topic}",
             context=self._propagator.extract(carrier),
             kind=self._kind,
             attributes=attributes,

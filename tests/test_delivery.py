@@ -287,7 +287,10 @@ async def test_bad_input_gets_the_documented_status_and_others_keep_working(
                 app.send(request)
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await app.next("batch")
-            return failure.value.code()
+            code = failure.value.code()
+            # Shown when an assertion on the code fails: what the server said.
+            print(f"status_of: {code} {failure.value.details()!r}")
+            return code
 
     opening = pb.ConsumeRequest(open=pb.Open(subscription="strict"))
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
