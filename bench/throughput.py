@@ -68,13 +68,13 @@ async def plain_consumer(kafka: LocalKafka, topic: str, count: int) -> float:
 
 
 async def through_sidecar(
-    kafka: LocalKafka, topic: str, count: int, listener: str
+    kafka: LocalKafka, topic: str, count: int, listener: str, ordering: str
 ) -> tuple[float, int]:
     sub = group_subscription(
         "bench",
         topic,
         batch={"max_records": 500, "max_bytes": 1048576, "max_wait_ms": 50},
-        ordering="none",
+        ordering=ordering,
         window={"max_outstanding_batches": 8, "max_outstanding_records": 8000},
         commit_interval_ms=500,
     )
@@ -114,15 +114,19 @@ async def main() -> None:
     )
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--listener", choices=["plaintext", "iam"], default="plaintext")
+    parser.add_argument("--ordering", choices=["none", "partition"], default="none")
     args = parser.parse_args()
     kafka = LocalKafka.ensure_started()
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     await produce(kafka, topic, args.records)
     plain = await plain_consumer(kafka, topic, args.records)
     print(f"(a) aiokafka in-process:   {plain:>10,.0f} records/s", file=sys.stderr)
-    sidecar, peak_kib = await through_sidecar(kafka, topic, args.records, args.listener)
+    sidecar, peak_kib = await through_sidecar(
+        kafka, topic, args.records, args.listener, args.ordering
+    )
     print(
-        f"(b) via kafka-sidecar ({args.listener}): {sidecar:>10,.0f} records/s (acked, committed)",
+        f"(b) via kafka-sidecar ({args.listener}, ordering {args.ordering}): "
+        f"{sidecar:>10,.0f} records/s (acked, committed)",
         file=sys.stderr,
     )
     print(f"ratio b/a: {sidecar / plain:.2f}; sidecar peak RSS: {peak_kib / 1024:.0f} MiB")
