@@ -23,7 +23,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from sidecar.config import SubscriptionConfig
 from sidecar.dispatcher import Dispatcher
-from sidecar.ledger import Ledger
+from sidecar.ledger import Ledger, decode_settled, encode_settled
 
 log = logging.getLogger("sidecar.consumer")
 
@@ -206,10 +206,13 @@ class GroupConsumer:
             pending = {tp: offset for tp, offset in pending.items() if tp in only}
         if not pending:
             return
-        offsets = {
-            TopicPartition(topic, partition): OffsetAndMetadata(offset, "")
-            for (topic, partition), offset in pending.items()
-        }
+        offsets = {}
+        for (topic, partition), offset in pending.items():
+            ledger = self.ledger.partition((topic, partition))
+            ranges = ledger.settled_ranges() if ledger else []
+            # Acks above the commit point ride along, so the next owner skips them.
+            metadata = encode_settled(offset, ranges)
+            offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, metadata)
         started = time.perf_counter()
         try:
             await self.consumer.commit(offsets)
@@ -275,6 +278,18 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         owner = self._owner
         tps = {(tp.topic, tp.partition) for tp in assigned}
         owner.dispatcher.assign(tps)
+        try:
+            committed = await owner.consumer._coordinator.fetch_committed_offsets(list(assigned))
+        except KafkaError as exc:
+            # Only an optimisation is lost: everything from the committed offset is redelivered.
+            log.warning(
+                "could not read commit metadata; settled records above it will be redelivered",
+                extra={"subscription": owner.config.name, "error": repr(exc)},
+            )
+            committed = {}
+        for tp, meta in committed.items():
+            if ranges := decode_settled(meta.offset, meta.metadata or ""):
+                owner.dispatcher.skip((tp.topic, tp.partition), ranges)
         log.info(
             "partitions assigned",
             extra={"subscription": owner.config.name, "partitions": sorted(tps)},

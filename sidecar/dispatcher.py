@@ -51,6 +51,9 @@ class DispatchStats:
     stream_lost: int = 0
     #: Refs in acks/nacks that were refused (unknown, already settled, revoked, invalid).
     rejected: int = 0
+    #: Records fetched again but not delivered: settled before a restart or rebalance, as
+    #: the commit's metadata said.
+    skipped: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -168,6 +171,9 @@ class Dispatcher:
         self.streams_changed = asyncio.Event()
         #: Set whenever batches went out: the backlog has room again (resume fetching).
         self.drained = asyncio.Event()
+        #: Per partition, [start, end) offset ranges settled under a previous owner (from the
+        #: committed offset's metadata): fetched again, they are settled, not delivered.
+        self._skip: dict[TopicPartition, list[tuple[int, int]]] = {}
         self._stream_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
@@ -266,11 +272,41 @@ class Dispatcher:
             self.ledger.assign(tp, records[0].offset)
         now = time.monotonic()
         ledger, backlog = self.ledger, self.backlog
+        skip = self._skip.get(tp)
         for message in records:
+            if skip and self._skipped(tp, skip, message.offset):
+                continue
             pending = to_pending(message, now)
             ledger.track(tp, pending.offset)
             backlog.add(pending)
         self._wake.set()
+
+    def skip(self, tp: TopicPartition, ranges: list[tuple[int, int]]) -> None:
+        """Offsets of `tp` already settled (by an earlier owner): settle them when fetched."""
+        self._skip[tp] = list(ranges)
+        log.info(
+            "skipping records settled before the last commit",
+            extra={
+                "subscription": self.config.name,
+                "topic": tp[0],
+                "partition": tp[1],
+                "records": sum(end - start for start, end in ranges),
+            },
+        )
+
+    def _skipped(self, tp: TopicPartition, skip: list[tuple[int, int]], offset: int) -> bool:
+        """Settles `offset` at once if a skip range holds it. Ranges are consumed in order."""
+        while skip and skip[0][1] <= offset:
+            skip.pop(0)
+        if not skip:
+            del self._skip[tp]
+            return False
+        if skip[0][0] <= offset:
+            self.ledger.track(tp, offset)
+            self.ledger.settle(tp, offset)
+            self.stats.skipped += 1
+            return True
+        return False
 
     def assign(self, tps: Iterable[TopicPartition]) -> None:
         tps = set(tps)
@@ -323,6 +359,7 @@ class Dispatcher:
                     self._close_batch(stream, batch, pb.REJECT_REASON_REVOKED)
         for tp in tps:
             self._inflight.pop(tp, None)
+            self._skip.pop(tp, None)
         self._wake.set()
 
     # -- from the app ----------------------------------------------------------------------

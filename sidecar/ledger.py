@@ -132,6 +132,35 @@ class PartitionLedger:
         record is settled, where the consumer fetches next (last tracked + 1, or the start)."""
         return self._order[0] if self._order else self._next
 
+    def settled_ranges(self) -> list[tuple[int, int]]:
+        """Settled records above the commit point, as [start, end) ranges of offsets.
+
+        What the committed offset alone cannot say: acks that arrived out of order, above a
+        record still out with the app. A range may span gaps (transaction markers, compacted
+        offsets): nothing there to deliver, so skipping them again is harmless.
+        """
+        ranges: list[tuple[int, int]] = []
+        window = self._window
+        start = None
+        end = 0
+        for offset in self._order:
+            if window[offset]:
+                if start is None:
+                    start = offset
+                end = offset + 1
+            elif start is not None:
+                ranges.append((start, end))
+                start = None
+        if start is not None:
+            ranges.append((start, end))
+        return ranges
+
+    @property
+    def settled_above(self) -> int:
+        """How many records above the commit point are settled (cheap change detection for
+        `settled_ranges`)."""
+        return len(self._window) - self._unsettled
+
     @property
     def unsettled(self) -> int:
         """Tracked records still owed a settlement."""
@@ -152,11 +181,14 @@ class Ledger:
     unsettled record.
     """
 
-    __slots__ = ("_committed", "_partitions")
+    __slots__ = ("_committed", "_committed_above", "_partitions")
 
     def __init__(self) -> None:
         self._partitions: dict[TopicPartition, PartitionLedger] = {}
         self._committed: dict[TopicPartition, int] = {}
+        #: `settled_above` when the last commit was confirmed: a change means the commit's
+        #: metadata (the settled ranges) is worth writing again.
+        self._committed_above: dict[TopicPartition, int] = {}
 
     def assign(self, tp: TopicPartition, start_offset: int) -> None:
         """Start a fresh ledger for ``tp`` at ``start_offset``, replacing any previous one.
@@ -166,11 +198,13 @@ class Ledger:
         """
         self._partitions[tp] = PartitionLedger(start_offset)
         self._committed[tp] = start_offset
+        self._committed_above[tp] = 0
 
     def revoke(self, tp: TopicPartition) -> PartitionLedger | None:
         """Forget ``tp``; returns its ledger (None if it was not assigned) so the caller can still
         read its final commit point and what was left unsettled."""
         self._committed.pop(tp, None)
+        self._committed_above.pop(tp, None)
         return self._partitions.pop(tp, None)
 
     def partition(self, tp: TopicPartition) -> PartitionLedger | None:
@@ -192,12 +226,13 @@ class Ledger:
 
     def pending_commits(self) -> dict[TopicPartition, int]:
         """Offsets worth committing: the partitions whose commit point moved past the last
-        confirmed commit (or the start offset), so idle partitions cost no commit traffic."""
-        committed = self._committed
+        confirmed commit (or the start offset), or whose settled records above it changed (their
+        ranges go into the commit's metadata), so idle partitions cost no commit traffic."""
+        committed, above = self._committed, self._committed_above
         pending: dict[TopicPartition, int] = {}
         for tp, ledger in self._partitions.items():
             offset = ledger.commit_offset()
-            if offset > committed[tp]:
+            if offset > committed[tp] or ledger.settled_above != above[tp]:
                 pending[tp] = offset
         return pending
 
@@ -213,8 +248,9 @@ class Ledger:
         committed = self._committed
         for tp, offset in offsets.items():
             ledger = self._partitions.get(tp)
-            if ledger is not None and committed[tp] < offset <= ledger.commit_offset():
+            if ledger is not None and committed[tp] <= offset <= ledger.commit_offset():
                 committed[tp] = offset
+                self._committed_above[tp] = ledger.settled_above
 
     def committed(self, tp: TopicPartition) -> int | None:
         """The last confirmed commit of ``tp`` in this assignment (initially its start offset),
@@ -229,3 +265,48 @@ class Ledger:
     def partitions(self) -> list[TopicPartition]:
         """The assigned partitions."""
         return list(self._partitions)
+
+
+#: Marks commit metadata written by this ledger; anything else (other tools, resets) is
+#: ignored, so it can never make records be skipped.
+METADATA_PREFIX = "ks1:"
+#: Kafka keeps at most offset.metadata.max.bytes (4096 by default) of commit metadata.
+METADATA_LIMIT = 3000
+
+
+def encode_settled(commit_offset: int, ranges: list[tuple[int, int]]) -> str:
+    """Commit metadata for settled ranges above `commit_offset`: "ks1:" then
+    `start+length` pairs, starts relative to the previous range's end. Ranges that do not fit
+    are left out: that only means more redelivery, never a lost record."""
+    parts: list[str] = []
+    size = len(METADATA_PREFIX)
+    previous = commit_offset
+    for start, end in ranges:
+        part = f"{start - previous}+{end - start}"
+        if size + len(part) + 1 > METADATA_LIMIT:
+            break
+        parts.append(part)
+        size += len(part) + 1
+        previous = end
+    return METADATA_PREFIX + ",".join(parts) if parts else ""
+
+
+def decode_settled(commit_offset: int, metadata: str) -> list[tuple[int, int]]:
+    """The settled ranges a commit's metadata carries; [] for anything not written by
+    `encode_settled` (never trust a guess: a wrong range would skip a record)."""
+    if not metadata.startswith(METADATA_PREFIX):
+        return []
+    ranges: list[tuple[int, int]] = []
+    previous = commit_offset
+    try:
+        for part in metadata[len(METADATA_PREFIX) :].split(","):
+            gap, _, length = part.partition("+")
+            start = previous + int(gap)
+            end = start + int(length)
+            if int(gap) < 0 or end <= start:
+                return []
+            ranges.append((start, end))
+            previous = end
+    except ValueError:
+        return []
+    return ranges

@@ -92,6 +92,11 @@ _COUNTERS = (
     ("ack_deadline_expired", "Records unsettled past ack_deadline_ms", "deadline_expired"),
     ("stream_lost_records", "Records handed back because their stream ended", "stream_lost"),
     ("rejected_refs", "Ack/nack refs refused (unknown, already settled, revoked)", "rejected"),
+    (
+        "skipped_settled_records",
+        "Records fetched again but not redelivered: settled before a restart or rebalance",
+        "skipped",
+    ),
 )
 
 

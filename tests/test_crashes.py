@@ -24,8 +24,10 @@ from pathlib import Path
 
 import grpc
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from kafkasidecar.v1 import consumer_pb2 as pb
+from sidecar.ledger import decode_settled
 from tests.localkafka import LocalKafka, committed_offsets, describe_group, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess, aws_env, group_subscription
 from tests.test_delivery import produce
@@ -79,6 +81,22 @@ async def wait_committed(
                 await asyncio.sleep(0.2)
     except TimeoutError:
         raise AssertionError(f"committed {seen}, expected {want}") from None
+
+
+async def settled_in_metadata(kafka: LocalKafka, group_id: str) -> set[Key]:
+    """The records the group's commit metadata marks as settled above the committed offsets."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return {
+        (tp.partition, offset)
+        for tp, meta in offsets.items()
+        for start, end in decode_settled(meta.offset, meta.metadata or "")
+        for offset in range(start, end)
+    }
 
 
 async def wait_all_committed(
@@ -246,11 +264,17 @@ async def test_sidecar_kill_9_with_batches_in_flight_redelivers_only_the_unsettl
         # The acks are in once Kafka shows the commit point at the lowest unacked record.
         at_kill = lowest_unacked(produced, acked)
         await wait_committed(kafka, group_id, at_kill)
+        # ...and once its metadata carries every ack above that point.
+        acked_above = {(p, o) for p, o in acked if o >= at_kill[p]}
+        async with asyncio.timeout(60):
+            while not acked_above <= await settled_in_metadata(kafka, group_id):
+                await asyncio.sleep(0.2)
         assert first.proc is not None
         first.proc.kill()
         assert await asyncio.to_thread(first.wait, 30) == -signal.SIGKILL
 
-    # What a restart may deliver again: exactly what was delivered at or above the commit.
+    # Delivered at or above the commit: without the commit metadata all of these would come
+    # again; with it, only the unacked ones do.
     may_repeat = {(p, o) for p, o in received if o >= at_kill[p]}
     acked_uncommitted = may_repeat - unacked
     assert unacked <= may_repeat, "a commit passed a record the app never acked"
@@ -278,8 +302,9 @@ async def test_sidecar_kill_9_with_batches_in_flight_redelivers_only_the_unsettl
         duplicated=len(duplicates),
     )
     assert acked | set(again) == produced, line
-    assert duplicates == may_repeat, line
-    assert set(again) == {(p, o) for p, o in produced if o >= at_kill[p]}, line
+    # Duplicates are exactly the records unsettled at the kill.
+    assert duplicates == unacked, line
+    assert set(again) == {(p, o) for p, o in produced if o >= at_kill[p]} - acked, line
 
 
 _DOOMED_APP = """

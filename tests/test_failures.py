@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -322,3 +323,62 @@ async def test_revoke_grace_commits_acks_made_during_the_rebalance(
         assert rejected.reason == pb.REJECT_REASON_REVOKED
         assert list(rejected.batch_ids) == [held[1].batch_id]
         app.close()
+
+
+async def test_acks_above_a_held_record_survive_a_kill_9(
+    kafka: LocalKafka,
+    new_topic: TopicFactory,
+    producer: AIOKafkaProducer,
+    start_sidecar: StartSidecar,
+) -> None:
+    """The committed offset stops at the lowest unsettled record; the acks above it ride in the
+    commit's metadata, so a restarted sidecar redelivers only what was really unsettled."""
+    topic = await new_topic(partitions=1)
+    await produce(producer, topic, 20)
+    sub = group_subscription(
+        "memory",
+        topic,
+        ordering="none",
+        batch={"max_records": 5, "max_wait_ms": 50},
+        # The killed member never leaves: its session must time out before the restart joins.
+        consumer={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+    )
+    first = await start_sidecar([sub], listener="plaintext")
+    async with grpc.aio.insecure_channel(first.address) as channel:
+        app = AppStream(channel)
+        await app.open("memory", max_outstanding_batches=10)
+        held = (await app.next("batch")).batch
+        acked = 0
+        while acked < 20 - len(held.records):
+            batch = (await app.next("batch")).batch
+            app.ack(batch_ids=[batch.batch_id])
+            acked += len(batch.records)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+        await admin.start()
+        try:
+            async with asyncio.timeout(60):
+                while True:
+                    offsets = await admin.list_consumer_group_offsets(sub["group_id"])
+                    meta = offsets.get(TopicPartition(topic, 0))
+                    if meta is not None and meta.metadata.startswith("ks1:"):
+                        break
+                    await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+        assert meta.offset == held.records[0].offset
+        assert first.proc is not None
+        first.proc.kill()
+        first.proc.wait()
+
+    second = await start_sidecar([sub], listener="plaintext")
+    async with grpc.aio.insecure_channel(second.address) as channel:
+        app = AppStream(channel)
+        await app.open("memory", max_outstanding_batches=10)
+        again = (await app.next("batch")).batch
+        assert [r.offset for r in again.records] == [r.offset for r in held.records]
+        with pytest.raises(TimeoutError):
+            await app.next("batch", timeout=3)  # nothing that was acked comes back
+        app.ack(batch_ids=[again.batch_id])
+        await wait_committed(kafka, sub["group_id"], topic)
+        app.close()
+    assert '"skipping records settled before the last commit"' in second.logs()

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sidecar.ledger import Ledger, PartitionLedger, SettleOutcome, TopicPartition
+from sidecar.ledger import (
+    METADATA_LIMIT,
+    METADATA_PREFIX,
+    Ledger,
+    PartitionLedger,
+    SettleOutcome,
+    TopicPartition,
+    decode_settled,
+    encode_settled,
+)
 
 SETTLED = SettleOutcome.SETTLED
 ALREADY = SettleOutcome.ALREADY_SETTLED
@@ -354,7 +363,11 @@ def test_pending_commits_lists_only_partitions_that_moved() -> None:
     ledger.track(B0, 9)
     assert ledger.pending_commits() == {}
     ledger.settle(A0, 1)
-    assert ledger.pending_commits() == {}  # out of order: the head still holds it
+    # Out of order: the head still holds the offset, but the settled range above it is news
+    # (it goes into the commit's metadata), so the same offset is offered again.
+    assert ledger.pending_commits() == {A0: 0}
+    ledger.mark_committed({A0: 0})
+    assert ledger.pending_commits() == {}
     ledger.settle(A0, 0)
     ledger.settle(B0, 9)
     assert ledger.pending_commits() == {A0: 2, B0: 10}
@@ -636,11 +649,15 @@ class LedgerMachine(RuleBasedStateMachine):
         """Request a commit, then confirm some of those in flight, in any order. (One rule, not
         two: Hypothesis switches random rules off per run, and a request is pointless alone.)"""
         pending = self.ledger.pending_commits()
-        assert pending == {
+        # Every partition whose commit point moved is offered; others may be offered at their
+        # current commit point too (settled records above it changed: new metadata).
+        moved = {
             tp: model.commit_offset()
             for tp, model in self.models.items()
             if model.commit_offset() > self.committed[tp]
         }
+        assert moved.items() <= pending.items()
+        assert all(offset == self.models[tp].commit_offset() for tp, offset in pending.items())
         if pending:
             self.in_flight.append((pending, {tp: self.generation[tp] for tp in pending}))
         while self.in_flight:
@@ -697,3 +714,79 @@ class LedgerMachine(RuleBasedStateMachine):
 
 LedgerMachine.TestCase.settings = settings(max_examples=500, stateful_step_count=50, deadline=None)
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+# --- settled ranges above the commit point, carried in commit metadata ----------------------
+
+
+def test_settled_ranges_cover_settled_records_above_the_commit_point_across_gaps() -> None:
+    ledger = PartitionLedger(10)
+    for offset in (10, 11, 12, 14, 15, 17, 18):  # 13 and 16 are gaps (markers, compaction)
+        ledger.track(offset)
+    for offset in (12, 14, 17):
+        ledger.settle(offset)
+    assert ledger.commit_offset() == 10
+    assert ledger.settled_ranges() == [(12, 15), (17, 18)]
+    assert ledger.settled_above == 3
+    ledger.settle(10)
+    assert ledger.settled_ranges() == [(12, 15), (17, 18)]
+    ledger.settle(11)  # the head catches up: those ranges are now below the commit point
+    assert ledger.commit_offset() == 15
+    assert ledger.settled_ranges() == [(17, 18)]
+
+
+def test_metadata_round_trips_and_rejects_what_it_did_not_write() -> None:
+    ranges = [(12, 15), (17, 18), (1000, 1500)]
+    metadata = encode_settled(10, ranges)
+    assert metadata.startswith(METADATA_PREFIX)
+    assert decode_settled(10, metadata) == ranges
+    assert encode_settled(10, []) == ""
+    for foreign in ("", "hello", "ks1:", "ks1:x+1", "ks1:1+0", "ks1:-3+2", "ks2:1+1", "ks1:1+2,"):
+        assert decode_settled(10, foreign) == [], foreign
+
+
+def test_metadata_that_does_not_fit_leaves_ranges_out_never_invents_them() -> None:
+    ranges = [(10 + 3 * i, 11 + 3 * i) for i in range(5000)]
+    metadata = encode_settled(0, ranges)
+    assert len(metadata) <= METADATA_LIMIT
+    decoded = decode_settled(0, metadata)
+    assert decoded == ranges[: len(decoded)]
+    assert len(decoded) > 100
+
+
+@given(
+    st.integers(min_value=0, max_value=10**12),
+    st.lists(st.tuples(st.integers(0, 50), st.integers(1, 50)), max_size=60),
+)
+def test_metadata_round_trip_property(commit: int, steps: list[tuple[int, int]]) -> None:
+    ranges = []
+    previous = commit
+    for gap, length in steps:
+        start = previous + gap
+        ranges.append((start, start + length))
+        previous = start + length
+    # Adjacent ranges (gap 0) are legal in the encoding; the ledger never produces them.
+    decoded = decode_settled(commit, encode_settled(commit, ranges))
+    assert decoded == ranges[: len(decoded)]
+    if len(encode_settled(commit, ranges)) < METADATA_LIMIT - 30:
+        assert decoded == ranges
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_settled_ranges_never_include_an_unsettled_record(data: st.DataObject) -> None:
+    offsets = sorted(data.draw(st.sets(st.integers(0, 200), min_size=1, max_size=80)))
+    ledger = PartitionLedger(offsets[0])
+    for offset in offsets:
+        ledger.track(offset)
+    settled = data.draw(st.sets(st.sampled_from(offsets)))
+    for offset in settled:
+        ledger.settle(offset)
+    ranges = ledger.settled_ranges()
+    covered = {o for o in offsets for start, end in ranges if start <= o < end}
+    assert covered == {o for o in settled if o >= ledger.commit_offset()}
+    assert all(start >= ledger.commit_offset() for start, _ in ranges)
+    assert (
+        decode_settled(ledger.commit_offset(), encode_settled(ledger.commit_offset(), ranges))
+        == ranges
+    )
