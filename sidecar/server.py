@@ -68,8 +68,10 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
         request_iterator: AsyncIterator[pb.ConsumeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ConsumeResponse]:
-        await self._authorize(context)
+        # Read the first request before any abort: grpc.aio clients (grpc/grpc#36066) report
+        # INTERNAL instead of the server's status when their write lands after the RPC ended.
         first = await self._first(request_iterator, context)
+        await self._authorize(context)
         if first.WhichOneof("kind") != "open":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first request on a stream must be `open`"
