@@ -10,49 +10,9 @@
 See `kafkasidecar.client` for the whole story.
 """
 
-from kafkasidecar.client import (
-    Batch,
-    CaughtUp,
-    Connected,
-    Disconnected,
-    Draining,
-    Event,
-    EventStream,
-    PartitionsAssigned,
-    PartitionsRevoked,
-    Record,
-    RecordRef,
-    Rejected,
-    RejectReason,
-    SidecarConsumer,
-    SidecarError,
-    SidecarUnavailableError,
-    StreamError,
-    StreamLostError,
-    TopicPartition,
-)
+from kafkasidecar import client
+from kafkasidecar.client import *  # noqa: F403 - the client's public names are the package's
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Batch",
-    "CaughtUp",
-    "Connected",
-    "Disconnected",
-    "Draining",
-    "Event",
-    "EventStream",
-    "PartitionsAssigned",
-    "PartitionsRevoked",
-    "Record",
-    "RecordRef",
-    "RejectReason",
-    "Rejected",
-    "SidecarConsumer",
-    "SidecarError",
-    "SidecarUnavailableError",
-    "StreamError",
-    "StreamLostError",
-    "TopicPartition",
-    "__version__",
-]
+__all__ = [*client.__all__, "__version__"]
