@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,7 @@ class Dispatcher:
         dead_letters: asyncio.Queue[DeadLetter] | None = None,
         stats: DispatchStats | None = None,
         tracing: Tracing | None = None,
+        stream_ids: Iterator[int] | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -174,7 +175,8 @@ class Dispatcher:
         #: Per partition, [start, end) offset ranges settled under a previous owner (from the
         #: committed offset's metadata): fetched again, they are settled, not delivered.
         self._skip: dict[TopicPartition, list[tuple[int, int]]] = {}
-        self._stream_ids = itertools.count(1)
+        #: Shared by a snapshot subscription's per-stream dispatchers: stream ids stay unique.
+        self._stream_ids = stream_ids or itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
         #: May be shared: a snapshot subscription's per-stream dispatchers add up into one.

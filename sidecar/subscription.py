@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -315,14 +316,21 @@ class SnapshotSubscription(Subscription):
         super().__init__(config)
         self._client_kwargs = client_kwargs
         self._tracing = tracing
-        self._readers: dict[str, tuple[SnapshotReader, asyncio.Task[Any]]] = {}
+        self._readers: dict[Stream, tuple[SnapshotReader, asyncio.Task[Any]]] = {}
+        self._stream_ids = itertools.count(1)
 
     def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
-        dispatcher = Dispatcher(self.config, Ledger(), stats=self.stats, tracing=self._tracing)
+        dispatcher = Dispatcher(
+            self.config,
+            Ledger(),
+            stats=self.stats,
+            tracing=self._tracing,
+            stream_ids=self._stream_ids,
+        )
         stream = dispatcher.attach(request, peer)
         reader = SnapshotReader(self.config, dispatcher, stream, self._client_kwargs)
         task = asyncio.create_task(self._read(reader))
-        self._readers[stream.id] = (reader, task)
+        self._readers[stream] = (reader, task)
         return dispatcher, stream
 
     async def _read(self, reader: SnapshotReader) -> None:
@@ -339,7 +347,7 @@ class SnapshotSubscription(Subscription):
 
     def detach(self, dispatcher: Dispatcher, stream: Stream) -> None:
         dispatcher.detach(stream)
-        entry = self._readers.pop(stream.id, None)
+        entry = self._readers.pop(stream, None)
         if entry is not None:
             entry[1].cancel()
 

@@ -163,3 +163,27 @@ async def test_partitions_added_later_are_read_from_their_start(
                 app.ack(batch_ids=[batch.batch_id])
         assert state == {b"a": b"a", b"b": b"b"}
         app.close()
+
+
+async def test_overlapping_streams_each_get_their_own_read(
+    new_topic: TopicFactory, producer: AIOKafkaProducer, start_sidecar: StartSidecar
+) -> None:
+    """A stream closing must end only its own read, whatever the others do meanwhile."""
+    topic = await new_topic(partitions=2)
+    for k in range(20):
+        await producer.send(topic, f"v{k}".encode(), key=f"k{k}".encode())
+    await producer.flush()
+    sidecar = await start_sidecar([snapshot_subscription("both", topic)], listener="plaintext")
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        first, second = AppStream(channel), AppStream(channel)
+        opened_first = await first.open("both")
+        first_state: dict[bytes, bytes] = {}
+        await read_until_caught_up(first, first_state)
+        opened_second = await second.open("both")
+        assert opened_first.stream_id != opened_second.stream_id
+        first.close()  # while the second read is going on
+        second_state: dict[bytes, bytes] = {}
+        await read_until_caught_up(second, second_state)
+        assert second_state == first_state
+        assert len(second_state) == 20
+        second.close()
