@@ -94,12 +94,11 @@ async def target_offsets(
 async def committed(
     consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]
 ) -> dict[TopicPartition, int]:
-    """The group's committed offsets, -1 where there is none."""
-    result = {}
-    for tp in tps:
-        offset = await consumer.committed(tp)
-        result[tp] = -1 if offset is None else offset
-    return result
+    """The group's committed offsets, -1 where there is none: one OffsetFetch for all of
+    them (aiokafka's public `committed()` asks once per partition)."""
+    tps = list(tps)
+    found = await consumer._coordinator.fetch_committed_offsets(tps)
+    return {tp: found[tp].offset if tp in found and found[tp].offset >= 0 else -1 for tp in tps}
 
 
 async def offline_reset(
