@@ -10,9 +10,52 @@
 See `kafkasidecar.client` for the whole story.
 """
 
-from kafkasidecar import client
-from kafkasidecar.client import *  # noqa: F403 - the client's public names are the package's
+from kafkasidecar._client import SidecarConsumer
+from kafkasidecar._events import (
+    CaughtUp,
+    Connected,
+    Disconnected,
+    Draining,
+    Event,
+    PartitionsAssigned,
+    PartitionsRevoked,
+    Rejected,
+    RejectReason,
+)
+from kafkasidecar._exceptions import (
+    SidecarError,
+    SidecarUnavailableError,
+    StreamError,
+    StreamLostError,
+)
+from kafkasidecar._listeners import EventStream
+from kafkasidecar._models import Batch, Record, RecordRef, TopicPartition
 
 __version__ = "0.1.0"
 
-__all__ = [*client.__all__, "__version__"]
+__all__ = [
+    "Batch",
+    "CaughtUp",
+    "Connected",
+    "Disconnected",
+    "Draining",
+    "Event",
+    "EventStream",
+    "PartitionsAssigned",
+    "PartitionsRevoked",
+    "Record",
+    "RecordRef",
+    "RejectReason",
+    "Rejected",
+    "SidecarConsumer",
+    "SidecarError",
+    "SidecarUnavailableError",
+    "StreamError",
+    "StreamLostError",
+    "TopicPartition",
+    "__version__",
+]
+
+# `import kafkasidecar` has always made `kafkasidecar.client` available too. Last, because
+# that module re-exports the names above.
+from kafkasidecar import client as client
