@@ -24,17 +24,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# Only what the wheel needs (.dockerignore keeps the rest of the checkout out of the context).
+# Only what the wheel needs (.dockerignore keeps the rest of the checkout out of the context):
+# the sidecar and the `kafkasidecar` package (generated stubs and client) its wheel ships.
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
-COPY clients/python/pyproject.toml clients/python/README.md clients/python/
 COPY clients/python/src/kafkasidecar/ clients/python/src/kafkasidecar/
 # An empty PIP_CERT must not reach pip (it would read it as a path), hence the shell test.
 RUN if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
     && "$PYTHON" -m venv /opt/kafka-sidecar \
-    && /opt/kafka-sidecar/bin/python -m pip install --no-cache-dir /src/clients/python /src \
+    && /opt/kafka-sidecar/bin/python -m pip install --no-cache-dir /src \
     && /opt/kafka-sidecar/bin/python -m pip uninstall --yes pip setuptools \
-    && /opt/kafka-sidecar/bin/kafka-sidecar --version
+    && /opt/kafka-sidecar/bin/kafka-sidecar --version \
+    && /opt/kafka-sidecar/bin/python -c 'import kafkasidecar.v1.consumer_pb2_grpc, sidecar.server'
 
 FROM ${BASE_IMAGE}
 ARG UID=10001

@@ -13,7 +13,10 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.inflight import Batch
 
 TopicPartition = tuple[str, int]
 
@@ -35,6 +38,10 @@ class Pending:
     since: float = 0.0
     #: The OpenTelemetry span of its current delivery, when tracing is on.
     span: Any = None
+    #: The assignment of its partition it was fetched in (results of older ones are void).
+    epoch: int = 0
+    #: The batch holding it while it is out with a stream.
+    batch: Batch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,28 +142,29 @@ class Backlog:
     def __len__(self) -> int:
         return sum(len(q.records) for q in self._queues.values()) + len(self._delayed)
 
-    def _eligible(self, busy: set[TopicPartition]) -> list[_Queue]:
-        if not self._ordered:
-            return [q for q in self._queues.values() if q.records]
-        delayed = {p.tp for _, _, p in self._delayed}
+    def _eligible(self, blocked: set[TopicPartition]) -> list[_Queue]:
+        """Queues that may contribute now: not blocked by the caller (revoking, or busy
+        under partition ordering) and, under partition ordering, with no record of theirs
+        waiting out a retry backoff (it must go out again before anything after it)."""
+        delayed = {p.tp for _, _, p in self._delayed} if self._ordered else ()
         return [
             q
             for tp, q in self._queues.items()
-            if q.records and tp not in busy and tp not in delayed
+            if q.records and tp not in blocked and tp not in delayed
         ]
 
     def ready_at(
-        self, busy: set[TopicPartition], max_records: int, max_bytes: int, now: float
+        self, blocked: set[TopicPartition], max_records: int, max_bytes: int, now: float
     ) -> float | None:
         """When a batch should go out: `now` (or earlier) if a full batch is waiting, else
         when the oldest eligible record's linger ends; None if nothing is eligible.
 
-        `busy` are partitions with records out with the app (they hold back under
-        partition ordering); `max_records`/`max_bytes` are the batch limits already cut
+        `blocked` are partitions that get nothing now (see `_eligible`);
+        `max_records`/`max_bytes` are the batch limits already cut
         down to the receiving stream's free window, so a small window sends at once rather
         than lingering for a batch it could never take.
         """
-        queues = self._eligible(busy)
+        queues = self._eligible(blocked)
         if not queues:
             return None
         records = 0
@@ -170,11 +178,19 @@ class Backlog:
             return now
         return oldest + self._limits.max_wait_s
 
-    def take(self, busy: set[TopicPartition], max_records: int, max_bytes: int) -> list[Pending]:
-        """The next batch: at most `max_records` and `max_bytes` (but at least one record,
-        however large), lowest offsets first within each partition, partitions in rotation
-        so none starves."""
-        queues = self._eligible(busy)
+    def take(
+        self,
+        blocked: set[TopicPartition],
+        max_records: int,
+        max_bytes: int,
+        *,
+        oversize: bool = True,
+    ) -> list[Pending]:
+        """The next batch: at most `max_records` and `max_bytes`, lowest offsets first within
+        each partition, partitions in rotation so none starves. With `oversize` (the
+        receiving stream holds nothing) one record larger than `max_bytes` may go alone;
+        without it a stream's bytes window is never exceeded, and the batch may be empty."""
+        queues = self._eligible(blocked)
         if not queues:
             return []
         self._rotation = (self._rotation + 1) % len(queues)
@@ -185,7 +201,7 @@ class Backlog:
             records = queue.records
             while records and len(batch) < max_records:
                 head = records[0]
-                if batch and size + head.size > max_bytes:
+                if size + head.size > max_bytes and (batch or not oversize):
                     return batch
                 records.popleft()
                 queue.bytes -= head.size

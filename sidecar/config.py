@@ -7,6 +7,7 @@ not with a broker or gRPC error minutes later, one restart per typo.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -270,6 +271,31 @@ def _octal_mode(value: Any) -> Any:
     return value
 
 
+_GID_MAX = 2**32 - 2  # (gid_t)-1 means "leave the group" to chown
+
+
+def _group_id(value: Any) -> Any:
+    """A group name, looked up on this host when the config is loaded, or a numeric gid.
+
+    A gid needs no entry in /etc/group (a pod's fsGroup rarely has one); a name does, so a
+    misspelt one fails the config, named by its key, rather than the start."""
+    if isinstance(value, bool):  # YAML's yes/no would otherwise pass as gid 1 or 0
+        raise ValueError("must be a group name or a numeric gid")
+    if not isinstance(value, str):
+        return value
+    name = value.strip()
+    if not name:
+        return None  # `${VAR:-}`: not set
+    if name.isascii() and name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(
+            f"unknown group {name!r}: not in this host's group database (a gid need not be)"
+        ) from None
+
+
 class ListenConfig(_Section):
     grpc: _GrpcAddresses = ["127.0.0.1:50051"]
     metrics: _Blankable[Annotated[str, AfterValidator(_listen_address)]] = "127.0.0.1:9464"
@@ -277,9 +303,16 @@ class ListenConfig(_Section):
     #: IP while the consumer API stays on loopback and the Unix socket.
     health: _Blankable[Annotated[str, AfterValidator(_listen_address)]] = None
     auth_token: _Blankable[SecretStr] = None
-    #: File mode of Unix sockets. 0666 reaches as far as a loopback TCP port does (every
-    #: local user, every container of the pod); narrow it, or set auth_token, to restrict.
-    unix_socket_mode: Annotated[int, BeforeValidator(_octal_mode), Field(ge=0, le=0o777)] = 0o666
+    #: File mode of Unix sockets: by default their owner (the sidecar's user) and their group
+    #: only. An app connects as a member of that group, or with 0666 as any local user (as far
+    #: as a loopback TCP port reaches).
+    unix_socket_mode: Annotated[int, BeforeValidator(_octal_mode), Field(ge=0, le=0o777)] = 0o660
+    #: The group Unix sockets are given (a name or a numeric gid), one the sidecar's user
+    #: belongs to and the app's shares (in Kubernetes, the pod's fsGroup). Unset: the group
+    #: they are created with (the sidecar's primary group, or the folder's if it is setgid).
+    unix_socket_group: Annotated[
+        Annotated[int, Field(ge=0, le=_GID_MAX)] | None, BeforeValidator(_group_id)
+    ] = None
 
 
 class BatchConfig(_Section):
@@ -359,6 +392,10 @@ class SubscriptionConfig(_Section):
     window: WindowConfig = WindowConfig()
     revoke_grace_ms: int = Field(default=10000, ge=0)
     detach_timeout_ms: int = Field(default=60000, ge=0)
+    #: Per partition, the most records fetched from the lowest unsettled one on (settled or
+    #: not) before fetching it pauses: one stuck record under `ordering: none` must not let
+    #: memory and the commit metadata grow without bound.
+    max_unsettled_span: int = Field(default=20_000, ge=1)
 
     @field_validator("topics")
     @classmethod

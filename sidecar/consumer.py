@@ -58,11 +58,10 @@ class ConsumerStats:
 class Fetcher:
     """Polls a consumer into a dispatcher, with pause-while-polling backpressure.
 
-    A partition with two batches' worth waiting is paused and resumed below one: the gap
-    keeps it from flapping, since pausing throws away what aiokafka prefetched for it. Polling
-    goes on with everything paused (it keeps the group membership: aiokafka's `getmany`
-    resets the poll-interval clock either way), and memory stays bounded by these thresholds
-    and the streams' windows, not by the topic's backlog.
+    The state machine says when a partition is paused (`InFlight.backpressure`). Polling goes
+    on with everything paused (it keeps the group membership: aiokafka's `getmany` resets the
+    poll-interval clock either way), and memory stays bounded by those thresholds and the
+    streams' windows, not by the topic's backlog.
     """
 
     def __init__(
@@ -71,7 +70,6 @@ class Fetcher:
         self.consumer = consumer
         self.dispatcher = dispatcher
         self.config = config
-        self.paused: set[TopicPartition] = set()
 
     async def run(
         self,
@@ -107,27 +105,25 @@ class Fetcher:
         while True:
             await drained.wait()
             drained.clear()
-            if self.paused:
+            if self.consumer.paused():
                 self.apply()
 
     def apply(self) -> None:
-        batch = self.config.batch
-        assignment = self.consumer.assignment()
-        self.paused &= assignment
-        pause, resume = [], []
-        for tp in assignment:
-            records, size = self.dispatcher.backlog.buffered((tp.topic, tp.partition))
-            if tp in self.paused:
-                if records < batch.max_records and size < batch.max_bytes:
-                    resume.append(tp)
-            elif records >= 2 * batch.max_records or size >= 2 * batch.max_bytes:
-                pause.append(tp)
+        """Pauses and resumes partitions as the state machine says. The paused set is read
+        from the consumer each time, never kept here: `assign()` (snapshot readers) resets
+        aiokafka's pause state, and a stale copy would leave a partition unpaused for good."""
+        paused_now = self.consumer.paused()
+        pause: list[TopicPartition] = []
+        resume: list[TopicPartition] = []
+        backpressure = self.dispatcher.backpressure
+        for tp in self.consumer.assignment():
+            paused = tp in paused_now
+            if backpressure((tp.topic, tp.partition), paused) != paused:
+                (resume if paused else pause).append(tp)
         if pause:
             self.consumer.pause(*pause)
-            self.paused.update(pause)
         if resume:
             self.consumer.resume(*resume)
-            self.paused.difference_update(resume)
 
 
 class GroupConsumer:
@@ -146,6 +142,7 @@ class GroupConsumer:
         self._client_kwargs = client_kwargs
         self.stats = ConsumerStats()
         self._stopping = False
+        self._fetching = True
         self.consumer = self._new_consumer()
 
     def _new_consumer(self) -> AIOKafkaConsumer:
@@ -183,6 +180,7 @@ class GroupConsumer:
         if self.consumer._closed:
             self.consumer = self._new_consumer()
         self._stopping = False
+        self._fetching = True
         self.consumer.subscribe(self.config.topics, listener=_Rebalance(self))
         try:
             await self.consumer.start()
@@ -191,7 +189,14 @@ class GroupConsumer:
             raise
 
     async def run(self) -> None:
-        await Fetcher(self.consumer, self.dispatcher, self.config).run(lambda: self._stopping)
+        await Fetcher(self.consumer, self.dispatcher, self.config).run(
+            lambda: self._stopping or not self._fetching
+        )
+
+    def stop_fetching(self) -> None:
+        """Shutdown grace: fetch nothing more, but keep committing what the app settles, so a
+        kill at the end of the grace replays only what was never acked."""
+        self._fetching = False
 
     async def commit_loop(self) -> None:
         interval = self.config.commit_interval_ms / 1000
@@ -200,19 +205,27 @@ class GroupConsumer:
             await self.commit()
 
     async def commit(self, only: set[tuple[str, int]] | None = None) -> None:
-        """Commits every partition whose lowest unsettled offset moved."""
+        """Commits every partition whose lowest unsettled offset (or the settled records
+        above it, which ride along in the metadata so the next owner skips them) moved."""
         pending = self.ledger.pending_commits()
         if only is not None:
             pending = {tp: offset for tp, offset in pending.items() if tp in only}
         if not pending:
             return
         offsets = {}
-        for (topic, partition), offset in pending.items():
-            ledger = self.ledger.partition((topic, partition))
+        # What the metadata describes, as of now: acks during the round trip are news.
+        above: dict[tuple[str, int], int] = {}
+        for tp, offset in pending.items():
+            ledger = self.ledger.partition(tp)
             ranges = ledger.settled_ranges() if ledger else []
-            # Acks above the commit point ride along, so the next owner skips them.
+            above[tp] = ledger.settled_above if ledger else 0
             metadata = encode_settled(offset, ranges)
-            offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, metadata)
+            # Ranges that did not fit would be redelivered after a crash: fetching that
+            # partition waits until they fit again.
+            self.dispatcher.flight.metadata_full(
+                tp, bool(ranges) and metadata.count(",") + 1 < len(ranges)
+            )
+            offsets[TopicPartition(*tp)] = OffsetAndMetadata(offset, metadata)
         started = time.perf_counter()
         try:
             await self.consumer.commit(offsets)
@@ -226,7 +239,7 @@ class GroupConsumer:
             return
         self.stats.commits += 1
         self.stats.commit_seconds += time.perf_counter() - started
-        self.ledger.mark_committed(pending)
+        self.ledger.mark_committed(pending, above)
         log.debug(
             "committed",
             extra={
@@ -242,10 +255,7 @@ class GroupConsumer:
         with contextlib.suppress(Exception):
             await self.commit()
         await close_consumer(self.consumer)
-        tps = set(self.dispatcher.assigned)
-        self.dispatcher.revoke(tps)
-        for tp in tps:
-            self.ledger.revoke(tp)
+        self.dispatcher.revoke(self.dispatcher.assigned)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -254,21 +264,23 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Stop sending the partitions, give the app `revoke_grace_ms` to settle what it holds
-        (heartbeats go on meanwhile), commit, then let the rest go to the next owner."""
+        (heartbeats go on meanwhile), commit, then let the rest go to the next owner. The
+        partitions are let go whatever happens on the way: a partition left half-revoked
+        would get no deliveries and no commits for as long as the process lives."""
         owner = self._owner
         tps = {(tp.topic, tp.partition) for tp in revoked}
         if not tps:
             return
         owner.stats.rebalances += 1
         owner.dispatcher.begin_revoke(tps)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + owner.config.revoke_grace_ms / 1000
-        while owner.dispatcher.unsettled_in(tps) and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        await owner.commit(only=tps)
-        owner.dispatcher.revoke(tps)
-        for tp in tps:
-            owner.ledger.revoke(tp)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + owner.config.revoke_grace_ms / 1000
+            while owner.dispatcher.unsettled_in(tps) and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await owner.commit(only=tps)
+        finally:
+            owner.dispatcher.revoke(tps)
         log.info(
             "partitions revoked",
             extra={"subscription": owner.config.name, "partitions": sorted(tps)},

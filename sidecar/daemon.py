@@ -93,6 +93,7 @@ class Sidecar:
                 auth_token.get_secret_value() if auth_token else None,
                 health_address=config.listen.health,
                 unix_socket_mode=config.listen.unix_socket_mode,
+                unix_socket_group=config.listen.unix_socket_group,
             )
             await server.start()
             if config.listen.metrics:
@@ -163,18 +164,18 @@ class Sidecar:
         committed, so a restarted sidecar does not redeliver it."""
         grace_ms = self.config.shutdown_grace_ms
         server.service.shutting_down = True
+        # Stop fetching and sending; acks keep flowing through the still-open streams
+        # meanwhile, dead letters keep being written and commits keep being made.
         for sub in subscriptions.values():
             sub.close(grace_ms)
-        # Stop fetching; acks keep flowing through the still-open streams meanwhile, and
-        # dead letters keep being written.
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
         deadline = time.monotonic() + grace_ms / 1000
         while time.monotonic() < deadline and any(  # noqa: ASYNC110 - a bounded settle wait
             s.unsettled for s in subscriptions.values()
         ):
             await asyncio.sleep(0.05)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
         for sub in subscriptions.values():
             await sub.stop()
             sub.end_streams()

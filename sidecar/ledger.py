@@ -167,6 +167,12 @@ class PartitionLedger:
         return self._unsettled
 
     @property
+    def span(self) -> int:
+        """Tracked records from the commit point on, settled or not: what one record held
+        at the commit point makes this ledger (and the commit metadata) remember."""
+        return len(self._window)
+
+    @property
     def next_offset(self) -> int:
         """Last tracked offset + 1, or the start offset when nothing was tracked."""
         return self._next
@@ -236,8 +242,17 @@ class Ledger:
                 pending[tp] = offset
         return pending
 
-    def mark_committed(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def mark_committed(
+        self,
+        offsets: Mapping[TopicPartition, int],
+        settled_above: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
         """Record offsets the broker confirmed as committed.
+
+        `settled_above` is each partition's `settled_above` when the commit was issued (its
+        metadata was built then): records settled during the commit's round trip are not in
+        it, so they must still count as a change worth committing. Without it, now is
+        assumed, which is right only when nothing was settled meanwhile.
 
         Ignored per partition: not assigned any more (a confirmation that raced a revoke), not
         above what is already recorded (confirmations may complete out of order), or beyond the
@@ -250,7 +265,11 @@ class Ledger:
             ledger = self._partitions.get(tp)
             if ledger is not None and committed[tp] <= offset <= ledger.commit_offset():
                 committed[tp] = offset
-                self._committed_above[tp] = ledger.settled_above
+                self._committed_above[tp] = (
+                    settled_above[tp]
+                    if settled_above is not None and tp in settled_above
+                    else ledger.settled_above
+                )
 
     def committed(self, tp: TopicPartition) -> int | None:
         """The last confirmed commit of ``tp`` in this assignment (initially its start offset),

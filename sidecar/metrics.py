@@ -2,11 +2,16 @@
 
 The dispatcher, consumer and dead-letter writer keep plain running totals; this collector
 reads them at scrape time, so the per-record path never touches the metrics library (and
-its locks). Process metrics (RSS, CPU, open fds) come from prometheus-client's defaults.
+its locks). The HTTP server answers on a thread of its own, but the state it reads belongs
+to the event loop (dicts that change while a scrape iterates them fail it), so a scrape is
+built on the loop, between two of its callbacks. Process metrics (RSS, CPU, open fds) come
+from prometheus-client's defaults.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -27,16 +32,38 @@ if TYPE_CHECKING:
     from sidecar.auth import MskIamTokenProvider
 
 
+#: A scrape waits this long for the event loop; a loop busier than that fails the scrape.
+SCRAPE_TIMEOUT_S = 5.0
+
+
 class SidecarCollector(Collector):
     def __init__(
         self,
         subscriptions: Mapping[str, Subscription],
         token_provider: MskIamTokenProvider | None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._subscriptions = subscriptions
         self._token_provider = token_provider
+        #: The loop owning the state read here; None reads it on the calling thread.
+        self._loop = loop
 
     def collect(self) -> Iterator[Metric]:
+        loop = self._loop
+        if loop is None or not loop.is_running() or _running_loop() is loop:
+            return iter(list(self._collect()))
+        built: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def build() -> None:
+            try:
+                built.set_result(list(self._collect()))
+            except BaseException as exc:  # the scrape fails, the loop goes on
+                built.set_exception(exc)
+
+        loop.call_soon_threadsafe(build)
+        return iter(built.result(timeout=SCRAPE_TIMEOUT_S))
+
+    def _collect(self) -> Iterator[Metric]:
         subs = list(self._subscriptions.values())
         yield from _counters(subs)
         yield from _gauges(subs)
@@ -117,7 +144,9 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
         "kafka_sidecar_dead_lettered", "Records written to the DLQ", labels=["subscription"]
     )
     dlq_failures = CounterMetricFamily(
-        "kafka_sidecar_dead_letter_failures", "Failed DLQ writes (retried)", labels=["subscription"]
+        "kafka_sidecar_dead_letter_failures",
+        "Failed DLQ write attempts (each retried; the record stays unsettled), by cause",
+        labels=["subscription", "cause"],
     )
     commits = CounterMetricFamily(
         "kafka_sidecar_commits", "Offset commits", labels=["subscription", "result"]
@@ -133,7 +162,9 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
             continue
         writer = sub.dead_letters
         dead.add_metric([label], writer.written if writer else 0)
-        dlq_failures.add_metric([label], writer.failures if writer else 0)
+        if writer is not None:
+            for cause, count in writer.failures.items():
+                dlq_failures.add_metric([label, cause], count)
         commits.add_metric([label, "ok"], sub.consumer.stats.commits)
         commits.add_metric([label, "failed"], sub.consumer.stats.commit_failures)
         rebalances.add_metric([label], sub.consumer.stats.rebalances)
@@ -176,7 +207,7 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
         batches.add_metric([name], sum(f[0] for f in flights))
         records.add_metric([name], sum(f[1] for f in flights))
         size.add_metric([name], sum(f[2] for f in flights))
-        buffered.add_metric([name], sum(len(d.backlog) for d in dispatchers))
+        buffered.add_metric([name], sum(len(d.flight.backlog) for d in dispatchers))
         up.add_metric([name], 1 if sub.serving else 0)
         limits = sub.config.window
         window.add_metric([name, "batches"], limits.max_outstanding_batches)
@@ -197,13 +228,20 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
     yield from (streams, batches, records, size, buffered, up, window, lag)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def serve(
     address: str,
     subscriptions: Mapping[str, Subscription],
     token_provider: MskIamTokenProvider | None,
 ) -> None:
     """Starts the /metrics endpoint (a daemon thread) on `host:port`."""
-    REGISTRY.register(SidecarCollector(subscriptions, token_provider))
+    REGISTRY.register(SidecarCollector(subscriptions, token_provider, asyncio.get_running_loop()))
     host, _, port = address.rpartition(":")
     try:
         start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -104,6 +105,8 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
                 return await anext(requests)
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before `open`")
+        except DecodeError as exc:
+            await context.abort(*_undecodable(exc, context.peer()))
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"no `open` within {OPEN_TIMEOUT_S:.0f}s"
@@ -116,24 +119,37 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
         dispatcher: Dispatcher,
         stream: Stream,
     ) -> StreamError | None:
-        """Feeds acks and nacks to the dispatcher; the stream ends when this returns."""
+        """Feeds acks and nacks to the dispatcher; the stream ends when this returns.
+
+        Nothing raised here reaches grpc: bad bytes end the stream with INVALID_ARGUMENT
+        (a client problem, logged as a warning), and a bug of ours ends it with INTERNAL and
+        an error log, its records going back to other streams."""
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")
-                if kind == "ack":
-                    dispatcher.ack(stream, request.ack)
-                elif kind == "nack":
-                    dispatcher.nack(stream, request.nack)
-                elif kind == "drain":
-                    dispatcher.drain(stream)
-                elif kind == "open":
+                if kind == "open":
                     return (
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "`open` was already sent on this stream",
                     )
-                else:
+                if kind is None:
                     return grpc.StatusCode.INVALID_ARGUMENT, "empty ConsumeRequest"
+                try:
+                    if kind == "ack":
+                        dispatcher.ack(stream, request.ack)
+                    elif kind == "nack":
+                        dispatcher.nack(stream, request.nack)
+                    else:
+                        dispatcher.drain(stream)
+                except Exception:
+                    log.exception(
+                        "internal error applying a request; ending the stream",
+                        extra={"stream": stream.id, "kind": kind},
+                    )
+                    return grpc.StatusCode.INTERNAL, f"internal error applying `{kind}`"
             return None
+        except DecodeError as exc:
+            return _undecodable(exc, stream.id)
         finally:
             stream.outbox.put_nowait(None)
 
@@ -160,6 +176,15 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
             raise AssertionError("unreachable: abort raises") from exc
 
 
+def _undecodable(exc: DecodeError, stream: str) -> StreamError:
+    """Bytes that are not a ConsumeRequest: the client's problem, not an error of ours."""
+    log.warning(
+        "request is not a ConsumeRequest; ending the stream",
+        extra={"stream": stream, "error": str(exc)},
+    )
+    return grpc.StatusCode.INVALID_ARGUMENT, f"request is not a ConsumeRequest: {exc}"
+
+
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
     return (
         health_pb2.HealthCheckResponse.SERVING
@@ -179,13 +204,15 @@ class Server:
         auth_token: str | None,
         *,
         health_address: str | None = None,
-        unix_socket_mode: int = 0o666,
+        unix_socket_mode: int = 0o660,
+        unix_socket_group: int | None = None,
     ) -> None:
         self.addresses = addresses
         self.service = ConsumerService(subscriptions, auth_token)
         self.health = health.aio.HealthServicer()
         self._subscriptions = list(subscriptions)
         self._unix_socket_mode = unix_socket_mode
+        self._unix_socket_group = unix_socket_group
         self.serving: dict[str, bool] = {}
         self._server = grpc.aio.server(
             options=[
@@ -218,6 +245,14 @@ class Server:
                 if path.is_socket():  # noqa: ASYNC240
                     path.unlink()  # noqa: ASYNC240 - left by a killed predecessor
                 sockets.append(path)
+                # grpc creates the socket here, as 0777 less the umask: owner-only until its
+                # group and mode are set below, so it is never open wider than configured.
+                umask = os.umask(0o177)
+                try:
+                    self.bound.append(_bind(self._server, address, "listen.grpc"))
+                finally:
+                    os.umask(umask)
+                continue
             self.bound.append(_bind(self._server, address, "listen.grpc"))
         # NOT_SERVING before anything listens: a probe must never see SERVING before the
         # group is joined.
@@ -228,6 +263,15 @@ class Server:
             await self._health_server.start()
         await self._server.start()
         for path in sockets:
+            if self._unix_socket_group is not None:
+                try:
+                    os.chown(path, -1, self._unix_socket_group)
+                except OSError as exc:
+                    raise OSError(
+                        f"listen.unix_socket_group: cannot give {path} to group"
+                        f" {self._unix_socket_group}: {exc.strerror} (the sidecar's user must"
+                        " belong to it)"
+                    ) from exc
             path.chmod(self._unix_socket_mode)
         log.info(
             "listening",

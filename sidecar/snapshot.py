@@ -112,7 +112,7 @@ class SnapshotReader:
         if self.caught_up:
             return
         for tp, end in list(self._catching_up.items()):
-            lowest = self.dispatcher.backlog.lowest_offset((tp.topic, tp.partition))
+            lowest = self.dispatcher.flight.backlog.lowest_offset((tp.topic, tp.partition))
             sent_all = lowest is None or lowest >= end
             if sent_all and await self.consumer.position(tp) >= end:
                 del self._catching_up[tp]

@@ -19,11 +19,13 @@ from kafkasidecar.v1 import consumer_pb2 as pb
 from sidecar.config import SubscriptionConfig
 from sidecar.consumer import GroupConsumer
 from sidecar.deadletters import DeadLetterWriter
-from sidecar.dispatcher import MODES, Dispatcher, DispatchStats, Stream
+from sidecar.dispatcher import Dispatcher, Stream
+from sidecar.inflight import Stats
 from sidecar.ledger import Ledger
 from sidecar.offsets import Change, OffsetsError, committed, selected_partitions, target_offsets
 from sidecar.snapshot import SnapshotReader
 from sidecar.tracing import Tracing
+from sidecar.wire import MODES
 
 log = logging.getLogger("sidecar.subscription")
 
@@ -34,8 +36,22 @@ class Subscription(abc.ABC):
     def __init__(self, config: SubscriptionConfig) -> None:
         self.config = config
         self.name = config.name
-        self.serving = False
-        self.stats = DispatchStats()
+        #: What keeps the subscription from serving, by part ("group", "dead_letters"):
+        #: health is SERVING exactly when this is empty.
+        self.faults: dict[str, str] = {}
+        self.stats = Stats()
+
+    @property
+    def serving(self) -> bool:
+        return not self.faults
+
+    async def _report(self, set_health: HealthSetter, part: str, fault: str | None) -> None:
+        """One part's health; the subscription's health says whether every part is well."""
+        if fault is None:
+            self.faults.pop(part, None)
+        else:
+            self.faults[part] = fault
+        await set_health(self.serving)
 
     @abc.abstractmethod
     def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
@@ -74,6 +90,8 @@ class Subscription(abc.ABC):
         return sum(d.unsettled for d in self.dispatchers())
 
     def close(self, deadline_ms: int) -> None:
+        """Shutdown begins: no more batches (streams are told their deadline); acks, dead
+        letters and commits go on until `stop`."""
         for dispatcher in self.dispatchers():
             dispatcher.close(deadline_ms)
 
@@ -118,12 +136,13 @@ class GroupSubscription(Subscription):
             config,
             self.ledger,
             group_id=config.group_id or "",
-            dead_letters=dead_letters.queue if dead_letters else None,
+            dead_letters=dead_letters.submit if dead_letters else None,
             stats=self.stats,
             tracing=tracing,
         )
         self.consumer = GroupConsumer(config, self.dispatcher, self.ledger, client_kwargs)
         self.joined = False
+        self.faults["group"] = "joining the group"
 
     def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
         return self.dispatcher, self.dispatcher.attach(request, peer)
@@ -141,25 +160,47 @@ class GroupSubscription(Subscription):
         if self.dead_letters is None:
             return await super().settle(set_health)
 
-        async def dlq_health(ok: bool) -> None:
-            self.serving = ok
-            await set_health(ok)
+        writer = self.dead_letters
 
-        await self.dead_letters.run(self.dispatcher.dead_lettered, dlq_health)
+        async def dlq_health(ok: bool) -> None:
+            fault = None
+            if not ok:
+                stuck = ", ".join(
+                    f"{f.letter.pending.tp[0]}[{f.letter.pending.tp[1]}]@"
+                    f"{f.letter.pending.offset} ({f.cause})"
+                    for f in writer.failing[:5]
+                )
+                fault = f"dead-letter writes failing: {stuck or 'unconfirmed'}"
+            await self._report(set_health, "dead_letters", fault)
+
+        await writer.run(self.dispatcher.dead_lettered, dlq_health)
+
+    def close(self, deadline_ms: int) -> None:
+        super().close(deadline_ms)
+        self.consumer.stop_fetching()
 
     async def _membership(self, set_health: HealthSetter) -> None:
         """Group membership follows the app: joined while a stream is attached (and at
         start), left after `detach_timeout_ms` without one so other pods take the
-        partitions, joined again when a stream attaches."""
+        partitions, joined again when a stream attaches.
+
+        Fetching and committing are supervised: if either fails, this fails (and the daemon
+        exits 1 so it is restarted) instead of serving on with nothing fetched or committed.
+        """
         dispatcher = self.dispatcher
         while True:
             await self._join(set_health)
-            work = asyncio.gather(self.consumer.run(), self.consumer.commit_loop())
             try:
-                await self._wait_detached(self.config.detach_timeout_ms / 1000)
-            finally:
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+                async with asyncio.TaskGroup() as work:
+                    fetching = work.create_task(self.consumer.run())
+                    committing = work.create_task(self.consumer.commit_loop())
+                    await self._wait_detached(self.config.detach_timeout_ms / 1000)
+                    fetching.cancel()
+                    committing.cancel()
+            except BaseExceptionGroup as failed:
+                await self._report(set_health, "group", f"failed: {failed.exceptions[0]!r}")
+                # The first failure, as itself: the daemon logs it and exits 1.
+                raise failed.exceptions[0] from failed
             await self.consumer.stop()
             self.joined = False
             log.info(
@@ -200,8 +241,7 @@ class GroupSubscription(Subscription):
                 await self.consumer.start()
                 break
             except Exception as exc:
-                self.serving = False
-                await set_health(False)
+                await self._report(set_health, "group", "cannot join the group")
                 log.error(
                     "cannot join the group; retrying",
                     extra={
@@ -213,8 +253,7 @@ class GroupSubscription(Subscription):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
         self.joined = True
-        self.serving = True
-        await set_health(True)
+        await self._report(set_health, "group", None)
         log.info(
             "consuming",
             extra={
@@ -234,8 +273,8 @@ class GroupSubscription(Subscription):
     async def status(self) -> pb.SubscriptionStatus:
         if not self.joined:
             state = "idle: left the group until a stream attaches"
-        elif not self.serving:
-            state = "dead-letter writes failing" if self.dead_letters else "not serving"
+        elif self.faults:
+            state = "; ".join(self.faults.values())
         else:
             state = "consuming" if self.dispatcher.streams else "waiting for a stream"
         status = self._base_status(state)
@@ -282,10 +321,8 @@ class GroupSubscription(Subscription):
         targets = await target_offsets(consumer, owned, request)
         old = await committed(consumer, owned)
         if owned and not request.dry_run:
-            keys = {(tp.topic, tp.partition) for tp in owned}
-            self.dispatcher.reset(keys)
+            self.dispatcher.reset((tp.topic, tp.partition) for tp in owned)
             for tp in owned:
-                self.ledger.revoke((tp.topic, tp.partition))
                 consumer.seek(tp, targets[tp])
             await consumer.commit({tp: OffsetAndMetadata(targets[tp], "") for tp in owned})
             log.info(
@@ -334,11 +371,13 @@ class SnapshotSubscription(Subscription):
         return dispatcher, stream
 
     async def _read(self, reader: SnapshotReader) -> None:
+        """The stream's reader and dispatcher live and die together: a failed read ends the
+        stream (the app reconnects and reads afresh) and leaves nothing running behind."""
         try:
-            await asyncio.gather(reader.run(), reader.dispatcher.run())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(reader.run())
+                tasks.create_task(reader.dispatcher.run())
+        except* Exception:
             log.exception(
                 "snapshot read failed; ending the stream",
                 extra={"subscription": self.name, "stream": reader.stream.id},
@@ -355,8 +394,7 @@ class SnapshotSubscription(Subscription):
         return [reader.dispatcher for reader, _ in self._readers.values()]
 
     async def run(self, set_health: HealthSetter) -> None:
-        self.serving = True
-        await set_health(True)
+        await set_health(self.serving)
         await asyncio.Event().wait()
 
     async def stop(self) -> None:

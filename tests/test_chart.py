@@ -305,7 +305,7 @@ def test_rendered_sidecar_config_passes_check_config(
     effective = yaml.safe_load(proc.stdout)
 
     # The chart's listeners, as its probes, ports and app env expect them. The consumer API
-    # stays inside the pod: the socket (open to an app of any user) and loopback, nothing else.
+    # stays inside the pod: the socket (for the pod's shared group) and loopback, nothing else.
     spec = pod_spec(manifests)
     sidecar = sidecar_container(spec)
     listen = effective["listen"]
@@ -313,7 +313,8 @@ def test_rendered_sidecar_config_passes_check_config(
     assert listen["grpc"] == [app_env["KAFKA_SIDECAR_TARGET"], app_env["KAFKA_SIDECAR_TCP_TARGET"]]
     assert listen["grpc"][0] == "unix:///var/run/kafka-sidecar/sidecar.sock"
     assert listen["grpc"][1].startswith("127.0.0.1:")
-    assert listen["unix_socket_mode"] == 0o666
+    assert listen["unix_socket_mode"] == 0o660
+    assert listen["unix_socket_group"] == spec["securityContext"]["fsGroup"]
     # Only health and metrics listen on the pod IP, and they are the container's ports.
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert set(ports) == {"sidecar-health", "sidecar-metrics"}
@@ -496,9 +497,10 @@ def test_every_container_is_locked_down(helm: str) -> None:
         spec = pod_spec(render(helm, values))
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True
-        # No user forced on the pod: the app's is its own (the socket takes any user).
+        # No user forced on the pod: the app's is its own. It reaches the socket through the
+        # pod's fsGroup, the image's group.
         assert "runAsUser" not in pod
-        assert "fsGroup" not in pod
+        assert pod["fsGroup"] == 10001
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
         for container in spec.get("initContainers", []) + spec["containers"]:
             context = container["securityContext"]
@@ -537,6 +539,91 @@ def test_listener_ports_must_differ(helm: str) -> None:
     render(helm, None, "sidecar.metrics.enabled=false", "sidecar.health.port=9464")
 
 
+def rendered_listen(manifests: list[Manifest]) -> dict[str, Any]:
+    config = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])
+    listen: dict[str, Any] = config["listen"]
+    return listen
+
+
+@pytest.mark.parametrize(
+    ("sets", "group", "mode"),
+    [
+        pytest.param((), 10001, "0660", id="default-fsgroup"),
+        pytest.param(("podSecurityContext.fsGroup=3000",), 3000, "0660", id="own-fsgroup"),
+        pytest.param(
+            ("sidecar.socketGroup=4000", "podSecurityContext.supplementalGroups={4000}"),
+            4000,
+            "0660",
+            id="supplemental-group",
+        ),
+        # Both containers run as group 5000: the socket is created with it.
+        pytest.param(
+            ("podSecurityContext.fsGroup=null", "podSecurityContext.runAsGroup=5000"),
+            None,
+            "0660",
+            id="shared-run-as-group",
+        ),
+        pytest.param(
+            ("podSecurityContext.fsGroup=null", "sidecar.socketMode=0666"),
+            None,
+            "0666",
+            id="any-user",
+        ),
+    ],
+)
+def test_socket_is_for_a_group_the_pod_gives_the_app(
+    helm: str, sets: tuple[str, ...], group: int | None, mode: str
+) -> None:
+    manifests = render(helm, None, *sets)
+    listen = rendered_listen(manifests)
+    assert listen["unix_socket_mode"] == mode
+    assert listen.get("unix_socket_group") == group
+    pod = pod_spec(manifests)["securityContext"]
+    if group is not None:
+        assert group in [pod.get("fsGroup"), *pod.get("supplementalGroups", [])]
+
+
+@pytest.mark.parametrize(
+    ("sets", "group"),
+    [
+        (("podSecurityContext.fsGroup=null",), "none set"),
+        (("sidecar.socketGroup=3000",), "gid 3000"),
+        (
+            (
+                "podSecurityContext.fsGroup=null",
+                "podSecurityContext.runAsGroup=3000",
+                "app.securityContext.runAsGroup=4000",
+            ),
+            "gid 3000",
+        ),
+    ],
+)
+def test_a_socket_the_app_could_not_open_is_refused(
+    helm: str, sets: tuple[str, ...], group: str
+) -> None:
+    error = render_error(helm, None, *sets)
+    assert (
+        "sidecar.socketMode 0660 admits only the socket's owner and group, but the pod does not"
+        f" give the app that group ({group})"
+    ) in error
+    # A parent chart's pod is its own business: the ConfigMap alone still renders.
+    render(helm, None, "deployment.enabled=false", *sets)
+
+
+@pytest.mark.parametrize("mode", ["0600", "0640", "0644"])
+def test_a_socket_mode_without_write_for_the_app_is_refused(helm: str, mode: str) -> None:
+    assert f"sidecar.socketMode {mode} admits the sidecar's user alone" in render_error(
+        helm, None, f"sidecar.socketMode={mode}"
+    )
+
+
+def test_values_schema_checks_the_socket(helm: str) -> None:
+    assert "/sidecar/socketMode" in render_error(helm, None, "sidecar.socketMode=rw-rw----")
+    assert "/sidecar/socketMode" in render_error(helm, None, "sidecar.socketMode=660")
+    assert "/sidecar/socketGroup" in render_error(helm, None, "sidecar.socketGroup=-1")
+    assert "/sidecar/socketGroup" in render_error(helm, None, "sidecar.socketGroup=staff")
+
+
 def test_probes_can_check_one_subscription_on_ipv6(helm: str) -> None:
     manifests = render(helm, "subscriptions")
     sidecar = sidecar_container(pod_spec(manifests))
@@ -570,6 +657,7 @@ def outside_address() -> str:
 @dataclass(frozen=True)
 class RunningSidecar:
     socket: Path
+    socket_group: int
     api_port: int
     health_port: int
     metrics_port: int
@@ -584,7 +672,11 @@ def running_sidecar(
     """`kafka-sidecar run` with the config the chart renders (no Kafka: it never joins)."""
     work = tmp_path_factory.mktemp("run")
     api_port, health_port, metrics_port, no_kafka = (free_port() for _ in range(4))
+    # The pod's fsGroup is one of the sidecar's groups: root may take the chart's default
+    # (10001); any other user, its own group.
+    fs_group = 10001 if os.geteuid() == 0 else os.getegid()
     values = {
+        "podSecurityContext": {"fsGroup": fs_group},
         "sidecar": {
             "socketDir": str(work / "sock"),
             "grpc": {"port": api_port},
@@ -599,7 +691,7 @@ def running_sidecar(
                 },
                 "subscriptions": [{"name": "orders", "topics": ["orders"], "group_id": "o"}],
             },
-        }
+        },
     }
     values_file = work / "values.yaml"
     values_file.write_text(yaml.safe_dump(values), encoding="utf-8")
@@ -629,6 +721,7 @@ def running_sidecar(
                     time.sleep(0.2)
         yield RunningSidecar(
             socket=work / "sock" / "sidecar.sock",
+            socket_group=fs_group,
             api_port=api_port,
             health_port=health_port,
             metrics_port=metrics_port,
@@ -669,7 +762,9 @@ def test_probes_reach_the_health_listener_and_nothing_else(
 
 def test_consumer_api_stays_inside_the_pod(running_sidecar: RunningSidecar) -> None:
     sidecar = running_sidecar
-    assert stat.S_IMODE(sidecar.socket.stat().st_mode) == 0o666  # any user of the pod
+    info = sidecar.socket.stat()
+    # The sidecar's user and the pod's fsGroup (the app's way in), nobody else.
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, sidecar.socket_group)
     auth = [("authorization", f"Bearer {sidecar.token}")]
     for target in (f"unix://{sidecar.socket}", f"127.0.0.1:{sidecar.api_port}"):
         with grpc.insecure_channel(target) as channel:
@@ -724,6 +819,8 @@ spec:
         checksum/kafka-sidecar: {{ include "kafka-sidecar.configChecksum" $ks }}
     spec:
       terminationGracePeriodSeconds: {{ include "kafka-sidecar.terminationGracePeriodSeconds" $ks }}
+      securityContext:
+        fsGroup: {{ include "kafka-sidecar.socketGroup" $ks }}
       initContainers:
         {{- include "kafka-sidecar.container" $ks | nindent 8 }}
       containers:
@@ -797,3 +894,7 @@ def test_named_templates_add_the_sidecar_to_another_chart(helm: str, tmp_path: P
     config_volume = next(v for v in spec["volumes"] if v["name"] == "kafka-sidecar-config")
     assert config_volume["configMap"]["name"] == configmap["metadata"]["name"]
     assert "kafka-0.kafka:9092" in configmap["data"]["config.yaml"]
+    # The pod gives the app the socket's group, as the README shows.
+    listen = yaml.safe_load(configmap["data"]["config.yaml"])["listen"]
+    assert (listen["unix_socket_mode"], listen["unix_socket_group"]) == ("0660", 10001)
+    assert spec["securityContext"] == {"fsGroup": 10001}

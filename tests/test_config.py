@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -882,3 +885,72 @@ def test_redacted_is_the_whole_effective_config(tmp_path: Path) -> None:
     assert plain["subscriptions"][0]["window"]["max_outstanding_records"] == 1000
     # Plain data: it goes through yaml.safe_dump and loads back equal.
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain
+
+
+# --- the Unix socket's mode and group ----------------------------------------------------------
+
+
+def test_unix_socket_is_owner_and_group_only_by_default(tmp_path: Path) -> None:
+    c = load(tmp_path, config())
+    assert c.listen.unix_socket_mode == 0o660
+    assert c.listen.unix_socket_group is None  # the group it is created with
+
+
+@pytest.mark.parametrize("mode", ["0640", "640", 0o640])
+def test_unix_socket_mode_is_octal(tmp_path: Path, mode: str | int) -> None:
+    assert load(tmp_path, config(listen={"unix_socket_mode": mode})).listen.unix_socket_mode == (
+        0o640
+    )
+
+
+def test_unix_socket_mode_unquoted_in_yaml_is_octal(tmp_path: Path) -> None:
+    text = yaml.safe_dump(config()) + "listen:\n  unix_socket_mode: 0600\n"
+    assert load(tmp_path, text).listen.unix_socket_mode == 0o600
+
+
+def test_unix_socket_group_by_name(tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getgid())  # a group this host surely has: our own
+    c = load(tmp_path, config(listen={"unix_socket_group": group.gr_name}))
+    assert c.listen.unix_socket_group == group.gr_gid
+    # From the environment too, resolved the same way.
+    c = load(tmp_path, config(), {"KAFKA_SIDECAR_LISTEN__UNIX_SOCKET_GROUP": group.gr_name})
+    assert c.listen.unix_socket_group == group.gr_gid
+
+
+@pytest.mark.parametrize("gid", [4242, "4242", 0, 4294967294])
+def test_unix_socket_group_by_gid_needs_no_group_entry(tmp_path: Path, gid: int | str) -> None:
+    # A pod's fsGroup rarely has an /etc/group entry in the sidecar's image.
+    c = load(tmp_path, config(listen={"unix_socket_group": gid}))
+    assert c.listen.unix_socket_group == int(gid)
+    assert redacted(c)["listen"]["unix_socket_group"] == int(gid)
+
+
+def test_unix_socket_group_blank_is_unset(tmp_path: Path) -> None:
+    text = yaml.safe_dump(config(listen={"unix_socket_group": "${SOCKET_GROUP:-}"}))
+    assert load(tmp_path, text).listen.unix_socket_group is None
+
+
+def test_unknown_unix_socket_group_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    name = f"no-such-group-{uuid.uuid4().hex[:8]}"
+    assert problems(tmp_path, config(listen={"unix_socket_group": name})) == [
+        f"listen.unix_socket_group: unknown group {name!r}: not in this host's group database"
+        " (a gid need not be)"
+    ]
+    env = {"KAFKA_SIDECAR_LISTEN__UNIX_SOCKET_GROUP": name}
+    [problem] = problems(tmp_path, config(), env)
+    assert problem.startswith(f"listen.unix_socket_group: unknown group {name!r}")
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        (-1, "Input should be greater than or equal to 0"),
+        (4294967295, "Input should be less than or equal to 4294967294"),
+        (True, "must be a group name or a numeric gid"),
+        (1.5, "Input should be a valid integer, got a number with a fractional part"),
+    ],
+)
+def test_unix_socket_group_rules(tmp_path: Path, group: object, expected: str) -> None:
+    assert problems(tmp_path, config(listen={"unix_socket_group": group})) == [
+        f"listen.unix_socket_group: {expected}"
+    ]

@@ -617,6 +617,54 @@ async def test_sigterm_commits_the_acks_made_during_the_grace(
     assert again == produced - acked, line
 
 
+async def test_acks_during_the_grace_are_committed_before_it_ends(
+    kafka: LocalKafka,
+    new_topic: TopicFactory,
+    producer: AIOKafkaProducer,
+    start_sidecar: StartSidecar,
+) -> None:
+    """Commits go on through the shutdown grace: when Kubernetes kills the sidecar at its
+    end (kill -9 after terminationGracePeriodSeconds), only what was never acked replays."""
+    topic = await new_topic(partitions=3)
+    produced = set(await produce(producer, topic, 300, partitions=3))
+    sub = group_subscription("grace", topic, batch={"max_records": 20, "max_wait_ms": 50})
+    group_id = sub["group_id"]
+    sidecar = await start_sidecar([sub], listener="plaintext", extra={"shutdown_grace_ms": 60000})
+    acked: set[Key] = set()
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        app = AppStream(channel)
+        await app.open("grace")
+        held: dict[int, pb.Batch] = {}
+        while len(held) < 3:  # one batch per partition under partition ordering
+            batch = (await app.next("batch")).batch
+            held[batch.records[0].partition] = batch
+        sidecar.signal(signal.SIGTERM)
+        await app.next("draining", timeout=30)
+        kept = held.pop(2)
+        for batch in held.values():
+            app.ack(batch_ids=[batch.batch_id])
+            acked.update(keys_of(batch))
+        # Still within the grace (the app holds `kept`): the acks are committed already.
+        await wait_committed(kafka, group_id, lowest_unacked(produced, acked), timeout=30)
+        assert sidecar.proc is not None
+        assert sidecar.proc.poll() is None, "the grace ended before the test could look"
+        sidecar.signal(signal.SIGKILL)
+        await asyncio.to_thread(sidecar.wait, 30)
+        app.cancel()
+    restarted = await start_sidecar([sub], listener="plaintext")
+    again: set[Key] = set()
+    async with grpc.aio.insecure_channel(restarted.address) as channel:
+        app = AppStream(channel, keep=False)
+        await app.open("grace")
+        while (acked | again) != produced:
+            batch = (await app.next("batch")).batch
+            again.update(keys_of(batch))
+            app.ack(batch_ids=[batch.batch_id])
+        app.close()
+    assert not again & acked, "acks made during the grace were replayed"
+    assert set(keys_of(kept)) <= again
+
+
 async def test_detach_leaves_the_group_and_a_new_stream_rejoins(
     kafka: LocalKafka,
     new_topic: TopicFactory,

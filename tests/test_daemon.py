@@ -3,9 +3,14 @@ one clear log line naming what to fix."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 
+import pytest
+
+from sidecar.config import SubscriptionConfig
+from sidecar.subscription import GroupSubscription
 from tests.localkafka import LocalKafka, describe_group
 from tests.sidecarproc import SidecarProcess, aws_env, group_subscription
 
@@ -45,3 +50,30 @@ async def test_sigterm_exits_zero_after_leaving_the_group(
     assert sidecar.wait(60) == 0
     # It left the group (no session-timeout wait for the other members).
     assert await describe_group(kafka, sub["group_id"]) == ("Empty", [])
+
+
+async def test_a_fetch_loop_that_dies_fails_the_subscription_instead_of_serving_on(
+    kafka: LocalKafka, new_topic: TopicFactory
+) -> None:
+    """The fetch loop is supervised: if it dies, the subscription's run fails (the daemon
+    then exits 1, so Kubernetes restarts it) and health says NOT_SERVING on the way."""
+    topic = await new_topic()
+    config = SubscriptionConfig.model_validate(group_subscription("s", topic))
+    subscription = GroupSubscription(config, {"bootstrap_servers": kafka.plaintext}, None)
+    health: list[bool] = []
+
+    async def set_health(serving: bool) -> None:
+        health.append(serving)
+
+    async def dies() -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("the fetch loop broke")
+
+    subscription.consumer.run = dies  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="the fetch loop broke"):
+            await asyncio.wait_for(subscription.run(set_health), timeout=60)
+    finally:
+        await subscription.stop()
+    assert health[-1] is False
+    assert "the fetch loop broke" in subscription.faults["group"]

@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kafkasidecar.v1 import consumer_pb2 as pb
+from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
 from tests.localkafka import LocalKafka, committed_offsets, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
 from tests.test_delivery import produce, wait_committed
@@ -382,3 +383,56 @@ async def test_acks_above_a_held_record_survive_a_kill_9(
         await wait_committed(kafka, sub["group_id"], topic)
         app.close()
     assert '"skipping records settled before the last commit"' in second.logs()
+
+
+async def test_a_dead_letter_that_can_never_be_written_holds_only_its_own_partition(
+    kafka: LocalKafka,
+    new_topic: TopicFactory,
+    start_sidecar: StartSidecar,
+) -> None:
+    """A 1.2 MB record dead-lettered to a DLQ topic limited to 1 MiB: the other partitions
+    keep flowing and committing to their ends, the record stays unsettled (never dropped),
+    the subscription is NOT_SERVING, and the error log names the record and the cause."""
+    topic = await new_topic(partitions=3, config={"max.message.bytes": "4000000"})
+    dlq = await new_topic(partitions=1, config={"max.message.bytes": "1048576"})
+    big = AIOKafkaProducer(bootstrap_servers=kafka.plaintext, max_request_size=4 * 1024 * 1024)
+    await big.start()
+    try:
+        for partition in range(3):
+            for i in range(20):
+                value = b"B" * 1_200_000 if (partition, i) == (0, 5) else b"v%d" % i
+                await big.send_and_wait(topic, value, partition=partition)
+    finally:
+        await big.stop()
+    sub = group_subscription("toobig", topic, dead_letter={"topic": dlq})
+    sidecar = await start_sidecar([sub], listener="plaintext")
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        app = AppStream(channel)
+        await app.open("toobig")
+        seen = 0
+        # Partition 0 is held at the unwritten letter (partition ordering): 6 of its records.
+        while seen < 46:
+            batch = (await app.next("batch")).batch
+            seen += len(batch.records)
+            poison = [r for r in batch.records if (r.partition, r.offset) == (0, 5)]
+            if poison:
+                app.send(nack(poison, pb.NACK_ACTION_DEAD_LETTER, reason="too big to handle"))
+            app.ack(records=[ref(r) for r in batch.records if r not in poison])
+        await wait_health(sidecar, "toobig", health_pb2.HealthCheckResponse.NOT_SERVING, 90)
+        async with asyncio.timeout(90):
+            while True:
+                committed = await committed_offsets(kafka, sub["group_id"])
+                if committed.get((topic, 1)) == 20 and committed.get((topic, 2)) == 20:
+                    break
+                await asyncio.sleep(0.3)
+        assert committed.get((topic, 0), 0) <= 5, "nothing commits past the unwritten letter"
+        logs = sidecar.logs()
+        assert f"{topic}[0]@5" in logs
+        assert "record_too_large" in logs
+        reply = await pb_grpc.ConsumerServiceStub(channel).GetStatus(
+            pb.GetStatusRequest(subscription="toobig"), timeout=10
+        )
+        (status,) = reply.subscriptions
+        assert f"{topic}[0]@5 (record_too_large)" in status.state
+        assert not status.serving
+        app.close()

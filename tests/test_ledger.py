@@ -443,6 +443,19 @@ def test_mark_committed_ignores_offsets_beyond_the_commit_point() -> None:
     assert ledger.pending_commits() == {A0: 6}
 
 
+def test_acks_during_a_commit_round_trip_are_committed_next_time() -> None:
+    ledger = Ledger()
+    ledger.assign(A0, 0)
+    for offset in range(4):
+        ledger.track(A0, offset)
+    ledger.settle(A0, 1)
+    issued = ledger.pending_commits()
+    above = {A0: 1}  # what the commit's metadata described when it was sent
+    ledger.settle(A0, 2)  # acked while the commit was on its way
+    ledger.mark_committed(issued, above)
+    assert ledger.pending_commits() == {A0: 0}  # offset 2 must reach the metadata too
+
+
 def test_revoke_returns_the_old_ledger_and_forgets_the_partition() -> None:
     ledger = Ledger()
     ledger.assign(A0, 0)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 from aiokafka import AIOKafkaProducer
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from kafkasidecar.v1 import consumer_pb2 as pb
+from sidecar.config import SubscriptionConfig
+from sidecar.metrics import SidecarCollector
+from sidecar.subscription import GroupSubscription
 from tests.localkafka import LocalKafka
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
 from tests.test_delivery import produce, wait_committed
@@ -129,3 +134,23 @@ async def test_logs_are_json_lines_without_secrets(
             assert {"ts", "level", "logger", "msg"} <= entry.keys()
         for secret in secrets:
             assert secret not in text
+
+
+async def test_a_scrape_reads_the_event_loops_state_on_the_loop() -> None:
+    """The HTTP server scrapes from its own thread; the state belongs to the event loop, so
+    the collector builds the scrape there (a dict changing mid-iteration failed scrapes)."""
+    config = SubscriptionConfig(name="s", topics=["t"], group_id="g")
+    collector = SidecarCollector(
+        {"s": GroupSubscription(config, {}, None)}, None, asyncio.get_running_loop()
+    )
+    built_on: list[int] = []
+    collect = collector._collect
+
+    def recording() -> Iterator[Metric]:
+        built_on.append(threading.get_ident())
+        return collect()
+
+    collector._collect = recording  # type: ignore[method-assign]
+    families = await asyncio.to_thread(lambda: list(collector.collect()))
+    assert built_on == [threading.get_ident()]
+    assert "kafka_sidecar_acks" in {family.name for family in families}

@@ -8,6 +8,8 @@ The sidecar's public named templates. Each takes this chart's context: `.` here,
   kafka-sidecar.volumes              the pod volumes it needs (list items)
   kafka-sidecar.appVolumeMounts      the socket folder, for the app container (list items)
   kafka-sidecar.appEnv               KAFKA_SIDECAR_TARGET etc., for the app container
+  kafka-sidecar.socketGroup          the gid the socket is given, which the pod must give both
+                                     containers (fsGroup or supplementalGroups); "" if none
   kafka-sidecar.terminationGracePeriodSeconds   the derived pod grace, a number
   kafka-sidecar.configChecksum       a pod annotation value that rolls pods on config change
   kafka-sidecar.configMapName        the ConfigMap this chart renders (config.yaml)
@@ -23,16 +25,71 @@ The sidecar's public named templates. Each takes this chart's context: `.` here,
 {{- end }}
 
 {{/*
+The socket's group: sidecar.socketGroup, else the pod's fsGroup (podSecurityContext.fsGroup),
+else "" (the socket keeps the group it is created with).
+*/}}
+{{- define "kafka-sidecar.socketGroup" -}}
+{{- $pod := .Values.podSecurityContext | default dict }}
+{{- if not (kindIs "invalid" .Values.sidecar.socketGroup) }}
+{{- int .Values.sidecar.socketGroup }}
+{{- else if not (kindIs "invalid" $pod.fsGroup) }}
+{{- int $pod.fsGroup }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails unless the app container can connect to the socket, which takes write permission. A mode
+that admits only the socket's owner and group needs the app in that group: the socket group (kafka-sidecar.socketGroup, or
+else the group the sidecar runs as) must be one the pod gives both containers: its fsGroup or
+supplementalGroups, or a runAsGroup both run as. Otherwise the app gets "permission denied".
+For this chart's own Deployment.
+*/}}
+{{- define "kafka-sidecar.checkSocketAccess" -}}
+{{- $mode := toString .Values.sidecar.socketMode }}
+{{- $writable := list "2" "3" "6" "7" }}
+{{- if not (has (trunc -1 $mode) $writable) }}
+{{- if not (has (trunc 1 (trunc -2 $mode)) $writable) }}
+{{- fail (printf "sidecar.socketMode %s admits the sidecar's user alone: connecting takes write permission, so the app needs it through the socket's group (0660) or as any user (0666)" $mode) }}
+{{- end }}
+{{- $pod := .Values.podSecurityContext | default dict }}
+{{- $appContext := .Values.app.securityContext | default dict }}
+{{- $sidecarContext := .Values.sidecar.securityContext | default dict }}
+{{- $appPrimary := ternary $pod.runAsGroup $appContext.runAsGroup (kindIs "invalid" $appContext.runAsGroup) }}
+{{- $sidecarPrimary := ternary $pod.runAsGroup $sidecarContext.runAsGroup (kindIs "invalid" $sidecarContext.runAsGroup) }}
+{{- $shared := list }}
+{{- if not (kindIs "invalid" $pod.fsGroup) }}
+{{- $shared = append $shared (int $pod.fsGroup) }}
+{{- end }}
+{{- range $pod.supplementalGroups }}
+{{- $shared = append $shared (int .) }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $appPrimary)) (not (kindIs "invalid" $sidecarPrimary)) }}
+{{- if eq (int $appPrimary) (int $sidecarPrimary) }}
+{{- $shared = append $shared (int $appPrimary) }}
+{{- end }}
+{{- end }}
+{{- $group := include "kafka-sidecar.socketGroup" . }}
+{{- if and (eq $group "") (not (kindIs "invalid" $sidecarPrimary)) }}
+{{- $group = toString (int $sidecarPrimary) }}
+{{- end }}
+{{- if or (eq $group "") (not (has (int $group) $shared)) }}
+{{- fail (printf "sidecar.socketMode %s admits only the socket's owner and group, but the pod does not give the app that group (%s): set podSecurityContext.fsGroup (or sidecar.socketGroup to one of podSecurityContext.supplementalGroups), or sidecar.socketMode \"0666\"" $mode (ternary "none set" (printf "gid %s" $group) (eq $group ""))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The config file: the values' sidecar.config with `listen` set from the chart values. The
-consumer API stays inside the pod (the Unix socket, mode 0666 so an app of any user can
-connect, and loopback TCP); only the health-only listener and the metrics endpoint bind the
-pod IP, for kubelet's probes and Prometheus.
+consumer API stays inside the pod (the Unix socket, mode 0660 and the pod's shared group by
+default, so the app container reaches it through its fsGroup, and loopback TCP); only the
+health-only listener and the metrics endpoint bind the pod IP, for kubelet's probes and
+Prometheus.
 */}}
 {{- define "kafka-sidecar.configYaml" -}}
 {{- $sidecar := .Values.sidecar }}
 {{- $config := deepCopy $sidecar.config }}
 {{- if hasKey $config "listen" }}
-{{- fail "sidecar.config.listen is set by the chart: use sidecar.grpc, sidecar.health, sidecar.metrics, sidecar.socketDir and sidecar.authToken instead" }}
+{{- fail "sidecar.config.listen is set by the chart: use sidecar.grpc, sidecar.health, sidecar.metrics, sidecar.socketDir, sidecar.socketMode, sidecar.socketGroup and sidecar.authToken instead" }}
 {{- end }}
 {{- $ports := list (int $sidecar.grpc.port) (int $sidecar.health.port) }}
 {{- if $sidecar.metrics.enabled }}
@@ -45,9 +102,13 @@ pod IP, for kubelet's probes and Prometheus.
     "grpc" (list (printf "unix://%s" (include "kafka-sidecar.socketPath" .)) (printf "127.0.0.1:%v" $sidecar.grpc.port))
     "health" (printf "%s:%v" $sidecar.health.host $sidecar.health.port)
     "metrics" nil
-    "unix_socket_mode" "0666" }}
+    "unix_socket_mode" (toString $sidecar.socketMode) }}
 {{- if $sidecar.metrics.enabled }}
 {{- $_ := set $listen "metrics" (printf "%s:%v" $sidecar.metrics.host $sidecar.metrics.port) }}
+{{- end }}
+{{- $group := include "kafka-sidecar.socketGroup" . }}
+{{- if ne $group "" }}
+{{- $_ := set $listen "unix_socket_group" (int $group) }}
 {{- end }}
 {{- $_ := set $config "listen" $listen }}
 {{- toYaml $config }}
