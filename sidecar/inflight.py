@@ -46,6 +46,9 @@ RecordRef = tuple[str, int, int]
 
 #: How many ended batch ids a stream remembers, to say why a late ack is refused.
 _CLOSED_BATCH_MEMORY = 10_000
+#: Most characters of a nack's reason kept (it becomes the dead letter's x-dlq-reason
+#: header): an app's megabyte of reason must not make the dead letter unwritable.
+MAX_REASON = 4096
 
 
 class Refusal(enum.Enum):
@@ -454,6 +457,8 @@ class InFlight:
             else:
                 targets[found] = None
         outcome = "dead_letter" if dead_letter else "retry"
+        if len(reason) > MAX_REASON:
+            reason = reason[: MAX_REASON - 1] + "…"
         for pending in targets:
             batch = pending.batch
             assert batch is not None

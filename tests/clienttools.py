@@ -12,7 +12,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.localkafka import ROOT, LocalKafka, committed_offsets, end_offsets
+from tests.harness import wait_committed as wait_committed
+from tests.localkafka import ROOT, LocalKafka
 
 
 async def produce(
@@ -44,18 +45,6 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout:g}s waiting for {what}") from None
-
-
-async def wait_committed(kafka: LocalKafka, group_id: str, topic: str, timeout: float = 60) -> None:
-    """Until Kafka says the group committed every partition of `topic` up to its end."""
-    ends = await end_offsets(kafka, topic)
-    committed: dict[tuple[str, int], int] = {}
-    try:
-        async with asyncio.timeout(timeout):
-            while (committed := await committed_offsets(kafka, group_id)) != ends:
-                await asyncio.sleep(0.3)
-    except TimeoutError:
-        raise AssertionError(f"committed {committed} never reached end offsets {ends}") from None
 
 
 async def read_topic(kafka: LocalKafka, topic: str, count: int, timeout: float = 60) -> list[Any]:

@@ -63,6 +63,23 @@ def lowest_unacked(produced: set[Key], acked: set[Key]) -> dict[int, int]:
     return commit
 
 
+async def ack_the_rest(
+    sidecar: SidecarProcess, subscription: str, produced: set[Key], acked: set[Key]
+) -> set[Key]:
+    """A fresh app acks whatever it gets until every produced record was acked by it or
+    before; returns what it got (the replays)."""
+    again: set[Key] = set()
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        app = AppStream(channel, keep=False)
+        await app.open(subscription)
+        while (acked | again) != produced:
+            batch = (await app.next("batch")).batch
+            again.update(keys_of(batch))
+            app.ack(batch_ids=[batch.batch_id])
+        app.close()
+    return again
+
+
 async def committed(kafka: LocalKafka, group_id: str) -> dict[int, int]:
     """Kafka's committed offsets of the group, by partition (the tests use one topic)."""
     return {p: o for (_t, p), o in (await committed_offsets(kafka, group_id)).items() if o >= 0}
@@ -595,16 +612,8 @@ async def test_sigterm_commits_the_acks_made_during_the_grace(
     await wait_committed(kafka, group_id, expected, timeout=10)
 
     restarted = await start_sidecar([sub], listener="plaintext")
-    again: set[Key] = set()
-    async with grpc.aio.insecure_channel(restarted.address) as channel:
-        app = AppStream(channel, keep=False)
-        await app.open("term")
-        while (acked | again) != produced:
-            batch = (await app.next("batch")).batch
-            again.update(keys_of(batch))
-            app.ack(batch_ids=[batch.batch_id])
-        await wait_all_committed(kafka, group_id, topic)
-        app.close()
+    again = await ack_the_rest(restarted, "term", produced, acked)
+    await wait_all_committed(kafka, group_id, topic)
     line = figures(
         "SIGTERM with records in flight",
         produced=len(produced),
@@ -652,15 +661,7 @@ async def test_acks_during_the_grace_are_committed_before_it_ends(
         await asyncio.to_thread(sidecar.wait, 30)
         app.cancel()
     restarted = await start_sidecar([sub], listener="plaintext")
-    again: set[Key] = set()
-    async with grpc.aio.insecure_channel(restarted.address) as channel:
-        app = AppStream(channel, keep=False)
-        await app.open("grace")
-        while (acked | again) != produced:
-            batch = (await app.next("batch")).batch
-            again.update(keys_of(batch))
-            app.ack(batch_ids=[batch.batch_id])
-        app.close()
+    again = await ack_the_rest(restarted, "grace", produced, acked)
     assert not again & acked, "acks made during the grace were replayed"
     assert set(keys_of(kept)) <= again
 

@@ -5,69 +5,41 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Awaitable, Callable
 
 import grpc
 import psutil
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from kafkasidecar.v1 import consumer_pb2 as pb
-from tests.localkafka import LocalKafka, committed_offsets, describe_group, end_offsets
-from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
+from tests.harness import Consuming, consuming, stream_error
 
-TopicFactory = Callable[..., Awaitable[str]]
-StartSidecar = Callable[..., Awaitable[SidecarProcess]]
-
-
-async def produce(
-    producer: AIOKafkaProducer, topic: str, count: int, *, size: int = 100, partitions: int = 1
-) -> dict[tuple[int, int], bytes]:
-    """Produces `count` records round-robin over partitions; returns (partition, offset)->value."""
-    futures = []
-    values = []
-    for i in range(count):
-        value = f"{i:08d}".encode().ljust(size, b".")
-        values.append(value)
-        futures.append(
-            await producer.send(topic, value, key=f"k{i}".encode(), partition=i % partitions)
-        )
-    metas = await asyncio.gather(*futures)
-    return {(m.partition, m.offset): v for m, v in zip(metas, values, strict=True)}
-
-
-async def wait_committed(kafka: LocalKafka, group_id: str, topic: str, timeout: float = 60) -> None:
-    ends = await end_offsets(kafka, topic)
-    async with asyncio.timeout(timeout):
-        while (await committed_offsets(kafka, group_id)) != ends:
-            await asyncio.sleep(0.2)
+# test_crashes, test_failures, test_metrics and test_offsets import these two from here.
+from tests.harness import produce as produce
+from tests.harness import wait_committed as wait_committed
+from tests.localkafka import LocalKafka, describe_group
+from tests.sidecarproc import AppStream, ref
 
 
 async def test_records_reach_the_app_over_iam_and_shuffled_acks_commit_everything(
     kafka: LocalKafka,
-    new_topic: TopicFactory,
-    producer: AIOKafkaProducer,
-    start_sidecar: StartSidecar,
 ) -> None:
-    topic = await new_topic(partitions=4)
-    produced = await produce(producer, topic, 10_000, partitions=4)
-    sub = group_subscription(
-        "receipts",
-        topic,
-        batch={"max_records": 250},
-        window={"max_outstanding_batches": 8, "max_outstanding_records": 4000},
-    )
-    sidecar = await start_sidecar([sub], listener="iam")
     received: dict[tuple[int, int], bytes] = {}
     rng = random.Random(7)
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        app = AppStream(channel)
-        opened = await app.open("receipts")
-        assert opened.group_id == sub["group_id"]
-        assert opened.mode == pb.SUBSCRIPTION_MODE_GROUP
+    async with consuming(
+        kafka,
+        "receipts",
+        partitions=4,
+        records=10_000,
+        listener="iam",
+        batch={"max_records": 250},
+        window={"max_outstanding_batches": 8, "max_outstanding_records": 4000},
+    ) as c:
+        app, produced = c.app, c.produced
+        assert c.opened.group_id == c.group_id
+        assert c.opened.mode == pb.SUBSCRIPTION_MODE_GROUP
         held: list[pb.Batch] = []
         while len(received) < len(produced):
-            batch = (await app.next("batch")).batch
+            batch = await c.batch()
             for record in batch.records:
                 assert record.delivery_attempt == 1
                 assert (record.partition, record.offset) not in received
@@ -84,18 +56,11 @@ async def test_records_reach_the_app_over_iam_and_shuffled_acks_commit_everythin
                         rng.shuffle(refs)
                         app.ack(records=refs)
                 held.clear()
-        await wait_committed(kafka, sub["group_id"], topic)
-        app.close()
+        await c.wait_committed()
     assert received == produced
 
 
-async def test_batches_respect_limits_and_records_arrive_intact(
-    kafka: LocalKafka,
-    new_topic: TopicFactory,
-    producer: AIOKafkaProducer,
-    start_sidecar: StartSidecar,
-) -> None:
-    topic = await new_topic(partitions=1)
+async def test_batches_respect_limits_and_records_arrive_intact(kafka: LocalKafka) -> None:
     sent: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = [
         (b"k-plain", b"v" * 300, [("h", b"1")]),
         (None, b"null key", []),
@@ -104,19 +69,20 @@ async def test_batches_respect_limits_and_records_arrive_intact(
         (b"", b"", []),
     ]
     sent += [(f"k{i}".encode(), bytes([i % 256]) * 300, []) for i in range(30)]
-    for key, value, headers in sent:
-        await producer.send_and_wait(topic, value, key=key, headers=headers)
 
-    sub = group_subscription(
-        "limits", topic, batch={"max_records": 7, "max_bytes": 2000, "max_wait_ms": 300}
-    )
-    sidecar = await start_sidecar([sub], listener="plaintext")
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        app = AppStream(channel)
-        await app.open("limits")
+    async def produce_sent(c: Consuming) -> None:
+        for key, value, headers in sent:
+            await c.producer.send_and_wait(c.topic, value, key=key, headers=headers)
+
+    async with consuming(
+        kafka,
+        "limits",
+        prepare=produce_sent,
+        batch={"max_records": 7, "max_bytes": 2000, "max_wait_ms": 300},
+    ) as c:
         records: list[pb.Record] = []
         while len(records) < len(sent):
-            batch = (await app.next("batch")).batch
+            batch = await c.batch()
             sizes = [
                 len(r.key) + len(r.value) + sum(len(h.key) + len(h.value) for h in r.headers)
                 for r in batch.records
@@ -124,10 +90,10 @@ async def test_batches_respect_limits_and_records_arrive_intact(
             assert 1 <= len(batch.records) <= 7
             assert sum(sizes) <= 2000 or len(batch.records) == 1
             records.extend(batch.records)
-            app.ack(batch_ids=[batch.batch_id])
+            c.ack(batch)
 
         for record, (key, value, headers) in zip(records, sent, strict=True):
-            assert (record.topic, record.partition) == (topic, 0)
+            assert (record.topic, record.partition) == (c.topic, 0)
             assert (record.key if record.HasField("key") else None) == key
             assert (record.value if record.HasField("value") else None) == value
             assert [(h.key, h.value if h.HasField("value") else None) for h in record.headers] == [
@@ -139,84 +105,76 @@ async def test_batches_respect_limits_and_records_arrive_intact(
 
         # Fewer than max_records and max_bytes: the linger (max_wait_ms) sends them anyway.
         for i in range(3):
-            await producer.send_and_wait(topic, b"late", key=f"late{i}".encode())
-        batch = (await app.next("batch")).batch
+            await c.producer.send_and_wait(c.topic, b"late", key=f"late{i}".encode())
+        batch = await c.batch()
         assert [r.key for r in batch.records] == [b"late0", b"late1", b"late2"]
-        app.ack(batch_ids=[batch.batch_id])
-        await wait_committed(kafka, sub["group_id"], topic)
-        app.close()
+        c.ack(batch)
+        await c.wait_committed()
 
 
 async def test_flow_control_window_holds_and_a_stalled_app_keeps_the_group(
     kafka: LocalKafka,
-    new_topic: TopicFactory,
-    producer: AIOKafkaProducer,
-    start_sidecar: StartSidecar,
 ) -> None:
-    topic = await new_topic(partitions=2)
-    await produce(producer, topic, 1000, size=1024, partitions=2)
-    sub = group_subscription(
+    async with consuming(
+        kafka,
         "slow",
-        topic,
+        partitions=2,
+        records=1000,
+        size=1024,
         batch={"max_records": 50, "max_wait_ms": 100},
         consumer={
             "max_poll_interval_ms": 5000,
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
         },
-    )
-    sidecar = await start_sidecar([sub], listener="plaintext")
-    assert sidecar.proc is not None
-    process = psutil.Process(sidecar.proc.pid)
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        app = AppStream(channel)
-        opened = await app.open("slow", max_outstanding_batches=2)
-        assert opened.max_outstanding_batches == 2
-        first = [(await app.next("batch")).batch for _ in range(2)]
+        max_outstanding_batches=2,
+    ) as c:
+        assert c.sidecar.proc is not None
+        process = psutil.Process(c.sidecar.proc.pid)
+        assert c.opened.max_outstanding_batches == 2
+        first = [await c.batch() for _ in range(2)]
         rss_before = process.memory_info().rss
-        state, members = await describe_group(kafka, sub["group_id"])
+        state, members = await describe_group(kafka, c.group_id)
         assert (state, len(members)) == ("Stable", 1)
 
         # A 100k-record backlog (100 MiB) builds up while the app sits on its two batches
         # for more than twice max_poll_interval_ms.
-        await produce(producer, topic, 100_000, size=1024, partitions=2)
+        await c.produce(100_000, size=1024)
         with pytest.raises(TimeoutError):
-            await app.next("batch", timeout=12)
+            await c.batch(timeout=12)
         growth = process.memory_info().rss - rss_before
         assert growth < 64 * 1024 * 1024, f"RSS grew {growth / 2**20:.0f} MiB with the backlog"
-        assert not [r for r in app.received if r.WhichOneof("kind") == "partitions_revoked"]
-        assert "partitions revoked" not in sidecar.logs()
+        assert not [r for r in c.app.received if r.WhichOneof("kind") == "partitions_revoked"]
+        assert "partitions revoked" not in c.sidecar.logs()
 
         # Same member, never kicked out: no rebalance happened.
-        assert await describe_group(kafka, sub["group_id"]) == ("Stable", members)
+        assert await describe_group(kafka, c.group_id) == ("Stable", members)
 
         # Settling opens the window again.
-        app.ack(batch_ids=[b.batch_id for b in first])
-        more = (await app.next("batch")).batch
+        c.ack(*first)
+        more = await c.batch()
         assert more.records
-        app.close()
 
 
-async def test_partition_ordering_holds_a_partition_until_it_is_settled(
-    new_topic: TopicFactory, producer: AIOKafkaProducer, start_sidecar: StartSidecar
-) -> None:
-    topic = await new_topic(partitions=3)
-    await produce(producer, topic, 90, partitions=3)
-    sub = group_subscription("ordered", topic, batch={"max_records": 5, "max_wait_ms": 50})
-    sidecar = await start_sidecar([sub], listener="plaintext")
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        app = AppStream(channel)
-        await app.open("ordered", max_outstanding_batches=10)
+async def test_partition_ordering_holds_a_partition_until_it_is_settled(kafka: LocalKafka) -> None:
+    async with consuming(
+        kafka,
+        "ordered",
+        partitions=3,
+        records=90,
+        batch={"max_records": 5, "max_wait_ms": 50},
+        max_outstanding_batches=10,
+    ) as c:
         held: list[pb.Batch] = []
         next_offset = {0: 0, 1: 0, 2: 0}
         seen = 0
         while seen < 90:
             try:
-                batch = (await app.next("batch", timeout=1.0)).batch
+                batch = await c.batch(timeout=1.0)
             except TimeoutError:
                 # Nothing more can come until something is settled: settle the oldest.
                 assert held, "stalled with nothing held"
-                app.ack(batch_ids=[held.pop(0).batch_id])
+                c.ack(held.pop(0))
                 continue
             held_partitions = {r.partition for b in held for r in b.records}
             for record in batch.records:
@@ -225,30 +183,30 @@ async def test_partition_ordering_holds_a_partition_until_it_is_settled(
                 next_offset[record.partition] += 1
             seen += len(batch.records)
             held.append(batch)
-        app.close()
 
 
 async def test_second_stream_shares_the_subscription_within_its_own_window(
-    new_topic: TopicFactory, producer: AIOKafkaProducer, start_sidecar: StartSidecar
+    kafka: LocalKafka,
 ) -> None:
-    topic = await new_topic(partitions=4)
-    await produce(producer, topic, 400, partitions=4)
-    sub = group_subscription(
-        "shared", topic, ordering="none", batch={"max_records": 10, "max_wait_ms": 50}
-    )
-    sidecar = await start_sidecar([sub], listener="plaintext")
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        first, second = AppStream(channel), AppStream(channel)
-        await first.open("shared", max_outstanding_batches=1)
-        await second.open("shared", max_outstanding_batches=2)
-        a1 = (await first.next("batch")).batch
-        b = [(await second.next("batch")).batch for _ in range(2)]
+    async with consuming(
+        kafka,
+        "shared",
+        partitions=4,
+        records=400,
+        ordering="none",
+        batch={"max_records": 10, "max_wait_ms": 50},
+        max_outstanding_batches=1,
+    ) as c:
+        first = c.app
+        second = await c.open_stream(max_outstanding_batches=2)
+        a1 = await c.batch(first)
+        b = [await c.batch(second) for _ in range(2)]
         # Each window is full: neither stream gets more until it settles.
         for stream in (first, second):
             with pytest.raises(TimeoutError):
                 await stream.next("batch", timeout=2)
         first.ack(batch_ids=[a1.batch_id])
-        a2 = (await first.next("batch")).batch
+        a2 = await c.batch(first)
         seen = {(r.partition, r.offset) for x in (a1, a2, *b) for r in x.records}
         second.ack(batch_ids=[x.batch_id for x in b])
         first.ack(batch_ids=[a2.batch_id])
@@ -264,40 +222,32 @@ async def test_second_stream_shares_the_subscription_within_its_own_window(
 
         await asyncio.gather(drain(first), drain(second))
         assert len(seen) == 400
-        first.close()
-        second.close()
 
 
 async def test_bad_input_gets_the_documented_status_and_others_keep_working(
-    new_topic: TopicFactory, producer: AIOKafkaProducer, start_sidecar: StartSidecar
+    kafka: LocalKafka,
 ) -> None:
-    topic = await new_topic(partitions=1)
-    await produce(producer, topic, 50)
-    sub = group_subscription("strict", topic, batch={"max_records": 10, "max_wait_ms": 50})
     token = uuid.uuid4().hex
-    sidecar = await start_sidecar([sub], listener="plaintext", auth_token=token)
-    good = [("authorization", f"Bearer {token}")]
+    # A healthy stream is open throughout; every failure below must leave it working.
+    async with consuming(
+        kafka,
+        "strict",
+        records=50,
+        batch={"max_records": 10, "max_wait_ms": 50},
+        auth_token=token,
+        max_outstanding_batches=1,
+    ) as c:
+        good = c.metadata
 
-    async def status_of(
-        metadata: list[tuple[str, str]], *requests: pb.ConsumeRequest
-    ) -> grpc.StatusCode:
-        async with grpc.aio.insecure_channel(sidecar.address) as channel:
-            app = AppStream(channel, metadata=metadata)
-            for request in requests:
-                app.send(request)
-            with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await app.next("batch")
-            code = failure.value.code()
-            # Shown when an assertion on the code fails: what the server said.
-            print(f"status_of: {code} {failure.value.details()!r}")
-            return code
+        async def status_of(
+            metadata: list[tuple[str, str]], *requests: pb.ConsumeRequest
+        ) -> grpc.StatusCode:
+            failure = await stream_error(c.sidecar.address, *requests, metadata=metadata)
+            return failure.code()
 
-    opening = pb.ConsumeRequest(open=pb.Open(subscription="strict"))
-    async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        # A healthy stream is open throughout; every failure below must leave it working.
-        healthy = AppStream(channel, metadata=good)
-        await healthy.open("strict", max_outstanding_batches=1)
-        first = (await healthy.next("batch")).batch
+        opening = pb.ConsumeRequest(open=pb.Open(subscription="strict"))
+        healthy = c.app
+        first = await c.batch()
 
         assert await status_of([], opening) == grpc.StatusCode.UNAUTHENTICATED
         assert (

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from sidecar.batcher import BatchLimits, Pending, TopicPartition
-from sidecar.inflight import Batch, InFlight, Policy, Refusal, Window
+from sidecar.inflight import MAX_REASON, Batch, InFlight, Policy, Refusal, Window
 
 T0: TopicPartition = ("t", 0)
 T1: TopicPartition = ("t", 1)
@@ -126,32 +126,33 @@ def test_retry_after_is_capped_by_the_max_backoff() -> None:
     assert [refs(b) for b in dispatch.batches] == [[("t", 0, 0)]]
 
 
-def test_a_dead_letter_confirmed_after_a_reassignment_is_ignored() -> None:
+@pytest.mark.parametrize("move", ["reassignment", "live reset"])
+def test_a_dead_letter_confirmed_for_an_older_assignment_is_ignored(move: str) -> None:
     flight = started(T0, 0)
     w = window()
     flight.attach(w)
     (batch,) = flight.poll(0).batches
     flight.nack(w, [batch.id], [], dead_letter=True, reason="bad", retry_after_s=0, now=0)
     ((letter, _),) = flight.take_letters()
-    flight.revoke([T0])
-    flight.assign([T0])
+    if move == "reassignment":
+        flight.revoke([T0])
+        flight.assign([T0])
+    else:
+        flight.reset([T0])
     flight.add(T0, recs(T0, 0), 1.0)
     assert not flight.dead_lettered(letter)
     assert flight.ledger.partition(T0).unsettled == 1  # type: ignore[union-attr]
     assert flight.stats.stale_confirmations == 1
 
 
-def test_a_dead_letter_confirmed_after_a_live_reset_is_ignored() -> None:
+def test_a_huge_reason_is_cut_so_the_dead_letter_stays_writable() -> None:
     flight = started(T0, 0)
-    w = window()
-    flight.attach(w)
+    flight.attach(w := window())
     (batch,) = flight.poll(0).batches
-    flight.nack(w, [batch.id], [], dead_letter=True, reason="bad", retry_after_s=0, now=0)
-    ((letter, _),) = flight.take_letters()
-    flight.reset([T0])
-    flight.add(T0, recs(T0, 0), 1.0)
-    assert not flight.dead_lettered(letter)
-    assert flight.ledger.partition(T0).unsettled == 1  # type: ignore[union-attr]
+    flight.nack(w, [batch.id], [], dead_letter=True, reason="r" * 2**20, retry_after_s=0, now=0)
+    ((_, reason),) = flight.take_letters()
+    assert len(reason) == MAX_REASON
+    assert reason.endswith("…")
 
 
 def test_revoking_partitions_get_no_redeliveries_under_ordering_none() -> None:

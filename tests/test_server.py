@@ -8,7 +8,6 @@ import os
 import socket
 import stat
 import uuid
-from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -19,11 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
+from tests.harness import consuming
 from tests.localkafka import LocalKafka
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription
-
-TopicFactory = Callable[..., Awaitable[str]]
-StartSidecar = Callable[..., Awaitable[SidecarProcess]]
 
 
 def free_port() -> int:
@@ -32,59 +29,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_reflection_and_health_on_tcp_and_unix_socket(
-    new_topic: TopicFactory, start_sidecar: StartSidecar
-) -> None:
-    topic = await new_topic()
+async def test_reflection_and_health_on_tcp_and_unix_socket(kafka: LocalKafka) -> None:
     port = free_port()
     # Probes carry no token: health and reflection answer without one.
-    sidecar = await start_sidecar(
-        [group_subscription("probe", topic)],
-        listener="plaintext",
+    async with consuming(
+        kafka,
+        "probe",
+        open=False,
         auth_token="app-secret",
-        tcp=f"127.0.0.1:{port}",
-    )
-    for target in (f"127.0.0.1:{port}", sidecar.address):
-        async with grpc.aio.insecure_channel(target) as channel:
-            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-            services: list[str] = []
-            async for reply in reflect.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-            ):
-                services = [s.name for s in reply.list_services_response.service]
-            assert "kafkasidecar.v1.ConsumerService" in services
-            assert "grpc.health.v1.Health" in services
+        sidecar_options={"tcp": f"127.0.0.1:{port}"},
+    ) as c:
+        for target in (f"127.0.0.1:{port}", c.sidecar.address):
+            async with grpc.aio.insecure_channel(target) as channel:
+                reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+                services: list[str] = []
+                async for reply in reflect.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                ):
+                    services = [s.name for s in reply.list_services_response.service]
+                assert "kafkasidecar.v1.ConsumerService" in services
+                assert "grpc.health.v1.Health" in services
 
-            health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", "kafkasidecar.v1.ConsumerService", "probe"):
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
-            with pytest.raises(grpc.aio.AioRpcError) as missing:
-                await health.Check(health_pb2.HealthCheckRequest(service="no-such-subscription"))
-            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+                health = health_pb2_grpc.HealthStub(channel)
+                for service in ("", "kafkasidecar.v1.ConsumerService", "probe"):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+                with pytest.raises(grpc.aio.AioRpcError) as missing:
+                    await health.Check(
+                        health_pb2.HealthCheckRequest(service="no-such-subscription")
+                    )
+                assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_health_only_listener_and_socket_mode(
-    new_topic: TopicFactory, start_sidecar: StartSidecar
-) -> None:
+async def test_health_only_listener_and_socket_mode(kafka: LocalKafka) -> None:
     """Probes can reach a health-only port while the consumer API stays on loopback/socket."""
-    topic = await new_topic()
     port = free_port()
-    sidecar = await start_sidecar(
-        [group_subscription("probed", topic)],
-        listener="plaintext",
-        listen={"health": f"127.0.0.1:{port}", "unix_socket_mode": "0600"},
-    )
-    assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o600
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="probed")
-        )
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        status = pb_grpc.ConsumerServiceStub(channel).GetStatus(pb.GetStatusRequest())
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await status
-        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    async with consuming(
+        kafka,
+        "probed",
+        open=False,
+        sidecar_options={"listen": {"health": f"127.0.0.1:{port}", "unix_socket_mode": "0600"}},
+    ) as c:
+        assert stat.S_IMODE(os.stat(c.sidecar.socket).st_mode) == 0o600
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="probed")
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            status = pb_grpc.ConsumerServiceStub(channel).GetStatus(pb.GetStatusRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await status
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_missing_topic_is_named_and_waited_for(
@@ -103,7 +98,7 @@ async def test_missing_topic_is_named_and_waited_for(
         assert "not found in cluster metadata" not in sidecar.logs()
         with pytest.raises(TimeoutError):
             await sidecar.wait_serving("later", timeout=1)
-        assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o666  # the default
+        assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o660  # the default
 
         await admin.create_topics([NewTopic(topic, 1, 1)])
         await producer.send_and_wait(topic, b"here")

@@ -12,6 +12,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.localkafka import LocalKafka
 from tests.sidecarproc import AppStream, SidecarProcess
+from tests.test_metrics import scrape
+from tests.test_server import free_port
 
 TopicFactory = Callable[..., Awaitable[str]]
 StartSidecar = Callable[..., Awaitable[SidecarProcess]]
@@ -187,3 +189,43 @@ async def test_overlapping_streams_each_get_their_own_read(
         assert second_state == first_state
         assert len(second_state) == 20
         second.close()
+
+
+async def test_a_partition_added_while_the_app_stalls_keeps_the_backlog_bounded(
+    kafka: LocalKafka,
+    new_topic: TopicFactory,
+    producer: AIOKafkaProducer,
+    start_sidecar: StartSidecar,
+) -> None:
+    """Picking up a new partition re-assigns the reader's consumer, which resets aiokafka's
+    pause state: the stalled partition must be paused again, not fetched to its end."""
+    topic = await new_topic(partitions=1)
+    for i in range(20_000):
+        await producer.send(topic, b"x" * 100, key=b"%d" % i, partition=0)
+    await producer.flush()
+    address = f"127.0.0.1:{free_port()}"
+    sub = snapshot_subscription("stall", topic)
+    sidecar = await start_sidecar([sub], listener="plaintext", metrics=address)
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        app = AppStream(channel)
+        await app.open("stall", max_outstanding_batches=1)
+        await app.next("batch")  # and never acked: the app stalls
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
+        await admin.start()
+        try:
+            await admin.create_partitions({topic: NewPartitions(total_count=2)})
+        finally:
+            await admin.close()
+        async with asyncio.timeout(60):
+            while f'["{topic}", 1]' not in sidecar.logs():  # the reader took partition 1
+                await asyncio.sleep(0.2)
+        buffered = []
+        for _ in range(10):
+            await asyncio.sleep(0.3)
+            samples = await scrape(address)
+            buffered.append(
+                samples[("kafka_sidecar_buffered_records", (("subscription", "stall"),))]
+            )
+        # Paused at two batches' worth (plus one fetch in flight), not 20,000 records.
+        assert max(buffered) < 2_000, buffered
+        app.close()
