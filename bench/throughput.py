@@ -1,25 +1,54 @@
-"""Throughput: a plain in-process aiokafka consumer vs the same records through kafka-sidecar.
+"""Throughput, CPU, added latency and memory: a plain in-process aiokafka consumer vs the same
+records through kafka-sidecar, side by side in one run.
 
-Produces N 1 KiB records to a fresh 8-partition topic on the local broker, then times
-(a) an AIOKafkaConsumer reading them all in-process, and
-(b) kafka-sidecar (a real `kafka-sidecar run` process) delivering them to a Python app over
-    gRPC (Unix socket) that acks each batch, until the group's commits reach the end offsets.
-Prints records/s for both, the ratio b/a, and the sidecar's peak RSS.
+For each configuration (ordering x listener x compression) it reports:
 
-    .venv/bin/python bench/throughput.py [--records 200000] [--listener plaintext|iam]
+1. records/s of (a) an in-process AIOKafkaConsumer (getmany, touching each value) and (b) a
+   real `kafka-sidecar run` process delivering the same records over gRPC (Unix socket) to a
+   Python app that touches each value and acks each batch, timed until the group's commits
+   reach the end offsets; and the ratio b/a.
+2. CPU microseconds per record (utime+stime) of the in-process consumer, of the gRPC app and
+   of the sidecar process (and of the broker, which shares the cores).
+3. Added latency p50/p99 (produce timestamp -> receipt, sidecar path minus in-process path),
+   with a paced producer in its own process at half of (b)'s rate.
+4. The sidecar's peak RSS, and its RSS with a slow app and a backlog of 30k vs 300k records
+   (memory should be bounded by the flow-control window, not the backlog: flat within 10%).
+
+Prints one JSON line per configuration as it finishes and a markdown table at the end (stdout);
+progress goes to stderr. `--matrix` runs ordering none|partition x plaintext|iam x
+none|lz4|zstd. Compressed runs need aiokafka's codec package (cramjam) in the environment of
+both the bench and the sidecar.
+
+    .venv/bin/python bench/throughput.py [--records 200000] [--ordering none|partition]
+        [--listener plaintext|iam] [--compression none|gzip|snappy|lz4|zstd]
+        [--skip-latency] [--skip-rss] [--matrix]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import struct
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import codec as kafka_codec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,83 +58,639 @@ from tests.localkafka import LocalKafka, committed_offsets, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess, group_subscription
 
 PARTITIONS = 8
+VALUE_BYTES = 1024
+# Sidecar settings for every phase (the batching bounds the added latency).
+BATCH = {"max_records": 500, "max_bytes": 1048576, "max_wait_ms": 50}
+WINDOW = {"max_outstanding_batches": 8, "max_outstanding_records": 8000}
+COMMIT_INTERVAL_MS = 500
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CODECS: dict[str, Callable[[], bool]] = {
+    "none": lambda: True,
+    "gzip": kafka_codec.has_gzip,
+    "snappy": kafka_codec.has_snappy,
+    "lz4": kafka_codec.has_lz4,
+    "zstd": kafka_codec.has_zstd,
+}
+# aiokafka's extras snappy, lz4 and zstd all install this one package.
+CODEC_PACKAGE = "cramjam"
+STAMP = struct.Struct(">q")  # produce time (time.time_ns) in the first 8 bytes of a value
 
 
-async def produce(kafka: LocalKafka, topic: str, count: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    await admin.close()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=kafka.plaintext, linger_ms=20, max_batch_size=512 * 1024, acks=1
+def values() -> list[bytes]:
+    """1 KiB values of hex text: distinct within a producer batch and about 2:1 compressible,
+    so compressed runs are not flattered by repeated bytes."""
+    return [os.urandom(VALUE_BYTES // 2).hex().encode() for _ in range(1024)]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- /proc accounting ------------------------------------------------------------------------
+
+
+def self_cpu() -> float:
+    """CPU seconds (user+system, all threads) of this process: the app and the in-process
+    consumer. Children (the paced producer) are not included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def proc_cpu(pid: int | None) -> float:
+    """CPU seconds (utime+stime from /proc/PID/stat) of another process, 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def vm_kib(pid: int, key: str) -> int:
+    """VmRSS / VmHWM of a process in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def broker_pid() -> int | None:
+    """The local broker's pid (scripts/local-kafka's pid file), to show what it costs too."""
+    home = os.environ.get("LOCAL_KAFKA_HOME") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "kafka-sidecar"
+        / "local-kafka"
     )
-    await producer.start()
-    value = b"x" * 1024
-    started = time.perf_counter()
-    for i in range(count):
-        await producer.send(topic, value, partition=i % PARTITIONS)
-        if i % 50_000 == 0 and i:
-            print(f"  produced {i:,}", file=sys.stderr)
-    await producer.flush()
-    await producer.stop()
-    print(f"produced {count:,} x 1 KiB in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    try:
+        pid = int((Path(home) / "broker.pid").read_text().strip())
+        if b"kafka.Kafka" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    except (OSError, ValueError):
+        pass
+    return None
 
 
-async def plain_consumer(kafka: LocalKafka, topic: str, count: int) -> float:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.plaintext, enable_auto_commit=False)
+class Meter:
+    """Wall time and CPU of this process, the sidecar and the broker over one phase."""
+
+    def __init__(self, sidecar_pid: int | None = None) -> None:
+        self.sidecar_pid = sidecar_pid
+        self.broker_pid = broker_pid()
+        self.wall = time.perf_counter()
+        self.self_cpu = self_cpu()
+        self.sidecar_cpu = proc_cpu(sidecar_pid)
+        self.broker_cpu = proc_cpu(self.broker_pid)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.wall
+
+    def self_used(self) -> float:
+        return self_cpu() - self.self_cpu
+
+    def sidecar_used(self) -> float:
+        return proc_cpu(self.sidecar_pid) - self.sidecar_cpu
+
+    def broker_used(self) -> float | None:
+        if self.broker_pid is None:
+            return None
+        return proc_cpu(self.broker_pid) - self.broker_cpu
+
+
+def us_per(seconds: float, records: int) -> float:
+    return round(seconds * 1e6 / records, 1)
+
+
+def broker_us_per(seconds: float | None, records: int) -> float | None:
+    return None if seconds is None else us_per(seconds, records)
+
+
+# --- topics and producing --------------------------------------------------------------------
+
+
+class Topics:
+    """Creates the bench's topics and deletes them all at the end; produced topics are reused
+    across configurations with the same compression."""
+
+    def __init__(self, kafka: LocalKafka) -> None:
+        self.kafka = kafka
+        self.created: list[str] = []
+        self._filled: dict[tuple[str, str, int], str] = {}
+        self._values = values()
+
+    async def create(self, kind: str) -> str:
+        topic = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.plaintext)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+        finally:
+            await admin.close()
+        self.created.append(topic)
+        return topic
+
+    async def filled(self, kind: str, count: int, compression: str) -> str:
+        """A topic holding `count` records produced with `compression` (made once)."""
+        key = (kind, compression, count)
+        if key not in self._filled:
+            topic = await self.create(kind)
+            await self.produce(topic, count, compression)
+            self._filled[key] = topic
+        return self._filled[key]
+
+    async def produce(self, topic: str, count: int, compression: str) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.kafka.plaintext,
+            linger_ms=20,
+            max_batch_size=512 * 1024,
+            acks=1,
+            compression_type=None if compression == "none" else compression,
+        )
+        await producer.start()
+        started = time.perf_counter()
+        try:
+            pool = self._values
+            for i in range(count):
+                await producer.send(topic, pool[i % len(pool)], partition=i % PARTITIONS)
+                if i % 100_000 == 0 and i:
+                    log(f"  produced {i:,}")
+            await producer.flush()
+        finally:
+            await producer.stop()
+        log(
+            f"produced {count:,} x 1 KiB ({compression}) to {topic} "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
+
+    async def delete_all(self) -> None:
+        if not self.created:
+            return
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.plaintext)
+        await admin.start()
+        try:
+            await admin.delete_topics(self.created)
+        finally:
+            await admin.close()
+
+
+def paced_producer(bootstrap: str, topic: str, count: int, rate: float, compression: str) -> None:
+    """Child process: `count` records at `rate` records/s, each stamped with its produce time
+    (time.time_ns) in the first 8 bytes of its value."""
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            linger_ms=1,
+            acks=1,
+            compression_type=None if compression == "none" else compression,
+        )
+        await producer.start()
+        pool = [value[STAMP.size :] for value in values()]
+        started = time.monotonic()
+        sent = 0
+        try:
+            while sent < count:
+                due = min(count, int((time.monotonic() - started) * rate) + 1)
+                while sent < due:
+                    value = STAMP.pack(time.time_ns()) + pool[sent % len(pool)]
+                    await producer.send(topic, value, partition=sent % PARTITIONS)
+                    sent += 1
+                await asyncio.sleep(0.001)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+@contextlib.asynccontextmanager
+async def pacing(
+    kafka: LocalKafka, topic: str, count: int, rate: float, compression: str
+) -> AsyncIterator[BaseProcess]:
+    """Runs the paced producer in its own process (so it does not share the receiver's event
+    loop) for the duration of the block, and waits for it at the end."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=paced_producer, args=(kafka.plaintext, topic, count, rate, compression)
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        await asyncio.to_thread(process.join, 60)
+        if process.exitcode is None:
+            process.kill()
+            await asyncio.to_thread(process.join)
+
+
+@dataclass
+class Latencies:
+    """receipt - produce time per record, in ns, after the first second (warm-up)."""
+
+    samples: list[tuple[int, int]] = field(default_factory=list)  # (produced ns, latency ns)
+
+    def add(self, received_ns: int, value: bytes) -> None:
+        (produced,) = STAMP.unpack_from(value)
+        self.samples.append((produced, received_ns - produced))
+
+    def steady(self) -> list[int]:
+        first = min(produced for produced, _ in self.samples)
+        return [lat for produced, lat in self.samples if produced >= first + 1_000_000_000]
+
+    def achieved_rate(self) -> float:
+        stamps = [produced for produced, _ in self.samples]
+        span = (max(stamps) - min(stamps)) / 1e9
+        return len(stamps) / span if span > 0 else 0.0
+
+    def percentiles_ms(self) -> tuple[float, float]:
+        cuts = statistics.quantiles(self.steady(), n=100, method="inclusive")
+        return cuts[49] / 1e6, cuts[98] / 1e6
+
+
+# --- the two paths ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def in_process_consumer(kafka: LocalKafka, listener: str, topic: str) -> AsyncIterator[Any]:
+    consumer = AIOKafkaConsumer(**kafka.client_kwargs(listener, enable_auto_commit=False))
     await consumer.start()
-    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
-    seen = 0
-    started = time.perf_counter()
-    while seen < count:
-        batches = await consumer.getmany(timeout_ms=500, max_records=5000)
-        seen += sum(len(records) for records in batches.values())
-    elapsed = time.perf_counter() - started
-    await consumer.stop()
-    return count / elapsed
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        yield consumer
+    finally:
+        await consumer.stop()
 
 
-async def through_sidecar(
-    kafka: LocalKafka, topic: str, count: int, listener: str, ordering: str
-) -> tuple[float, int]:
+@contextlib.asynccontextmanager
+async def running_sidecar(
+    kafka: LocalKafka, topic: str, listener: str, ordering: str
+) -> AsyncIterator[tuple[SidecarProcess, dict[str, Any], AppStream]]:
+    """A `kafka-sidecar run` process with one subscription ("bench") on `topic`, serving, and
+    an app stream opened on it."""
     sub = group_subscription(
         "bench",
         topic,
-        batch={"max_records": 500, "max_bytes": 1048576, "max_wait_ms": 50},
+        batch=BATCH,
         ordering=ordering,
-        window={"max_outstanding_batches": 8, "max_outstanding_records": 8000},
-        commit_interval_ms=500,
+        window=WINDOW,
+        commit_interval_ms=COMMIT_INTERVAL_MS,
     )
-    sidecar = SidecarProcess(kafka, [sub], listener=listener)
+    sidecar = SidecarProcess(kafka, [sub], listener=listener, extra={"shutdown_grace_ms": 2000})
     sidecar.config_path.write_text(sidecar.config_path.read_text().replace("DEBUG", "INFO"))
     sidecar.start()
     try:
         await sidecar.wait_serving()
-        ends = await end_offsets(kafka, topic)
         async with grpc.aio.insecure_channel(sidecar.address) as channel:
             app = AppStream(channel, keep=False)
-            await app.open("bench")
-            seen = 0
-            started = time.perf_counter()
-            while seen < count:
-                response = await app.next()
-                if response.WhichOneof("kind") == "batch":
-                    seen += len(response.batch.records)
-                    app.send(pb.ConsumeRequest(ack=pb.Ack(batch_ids=[response.batch.batch_id])))
-            while (await committed_offsets(kafka, sub["group_id"])) != ends:
-                await asyncio.sleep(0.05)
-            elapsed = time.perf_counter() - started
-            app.close()
-        assert sidecar.proc is not None
-        status = Path(f"/proc/{sidecar.proc.pid}/status").read_text()
-        peak_kib = int(
-            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
-        )
-        return count / elapsed, peak_kib
+            try:
+                await app.open("bench")
+                yield sidecar, sub, app
+            finally:
+                app.close()
     finally:
         sidecar.stop()
+        shutil.rmtree(sidecar.dir, ignore_errors=True)
+
+
+def sidecar_pid(sidecar: SidecarProcess) -> int:
+    assert sidecar.proc is not None
+    return sidecar.proc.pid
+
+
+def touch(value: bytes) -> int:
+    """What every consumer here does with a record: read its value."""
+    return value[0] + value[-1]
+
+
+async def throughput_in_process(
+    kafka: LocalKafka, listener: str, topic: str, count: int
+) -> dict[str, Any]:
+    async with in_process_consumer(kafka, listener, topic) as consumer:
+        meter = Meter()
+        seen = touched = 0
+        while seen < count:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for records in batches.values():
+                seen += len(records)
+                for record in records:
+                    touched += touch(record.value)
+        elapsed = meter.elapsed()
+        return {
+            "a_records_per_s": round(count / elapsed),
+            "a_cpu_us_per_record": us_per(meter.self_used(), count),
+            "a_broker_cpu_us_per_record": broker_us_per(meter.broker_used(), count),
+        }
+
+
+async def throughput_sidecar(
+    kafka: LocalKafka, listener: str, ordering: str, topic: str, count: int
+) -> dict[str, Any]:
+    ends = await end_offsets(kafka, topic)
+    async with running_sidecar(kafka, topic, listener, ordering) as (sidecar, sub, app):
+        meter = Meter(sidecar_pid(sidecar))
+        seen = touched = 0
+        while seen < count:
+            response = await app.next()
+            if response.WhichOneof("kind") == "batch":
+                for record in response.batch.records:
+                    touched += touch(record.value)
+                seen += len(response.batch.records)
+                app.send(pb.ConsumeRequest(ack=pb.Ack(batch_ids=[response.batch.batch_id])))
+        app_cpu = meter.self_used()
+        while (await committed_offsets(kafka, sub["group_id"])) != ends:
+            await asyncio.sleep(0.05)
+        elapsed = meter.elapsed()
+        return {
+            "b_records_per_s": round(count / elapsed),
+            "app_cpu_us_per_record": us_per(app_cpu, count),
+            "sidecar_cpu_us_per_record": us_per(meter.sidecar_used(), count),
+            "b_broker_cpu_us_per_record": broker_us_per(meter.broker_used(), count),
+            "sidecar_peak_rss_mib": round(vm_kib(sidecar_pid(sidecar), "VmHWM") / 1024, 1),
+        }
+
+
+async def latency_in_process(
+    kafka: LocalKafka, topics: Topics, listener: str, compression: str, count: int, rate: float
+) -> Latencies:
+    topic = await topics.create("lat-a")
+    latencies = Latencies()
+    async with in_process_consumer(kafka, listener, topic) as consumer:
+        await consumer.getmany(timeout_ms=200)  # fetching before the first record is produced
+        async with (
+            pacing(kafka, topic, count, rate, compression),
+            asyncio.timeout(120 + count / rate),
+        ):
+            while len(latencies.samples) < count:
+                batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+                received = time.time_ns()
+                for records in batches.values():
+                    for record in records:
+                        latencies.add(received, record.value)
+    return latencies
+
+
+async def latency_sidecar(
+    kafka: LocalKafka,
+    topics: Topics,
+    listener: str,
+    ordering: str,
+    compression: str,
+    count: int,
+    rate: float,
+) -> Latencies:
+    topic = await topics.create("lat-b")
+    latencies = Latencies()
+    async with (
+        running_sidecar(kafka, topic, listener, ordering) as (_, _, app),
+        pacing(kafka, topic, count, rate, compression),
+        asyncio.timeout(120 + count / rate),
+    ):
+        while len(latencies.samples) < count:
+            response = await app.next()
+            if response.WhichOneof("kind") == "batch":
+                received = time.time_ns()
+                for record in response.batch.records:
+                    latencies.add(received, record.value)
+                app.send(pb.ConsumeRequest(ack=pb.Ack(batch_ids=[response.batch.batch_id])))
+    return latencies
+
+
+async def rss_with_slow_app(
+    kafka: LocalKafka,
+    listener: str,
+    ordering: str,
+    topic: str,
+    seconds: float,
+    ack_interval: float,
+) -> dict[str, Any]:
+    """A fresh sidecar with a backlog waiting and an app that acks one batch per
+    `ack_interval` seconds: the largest VmRSS sampled over `seconds`, and VmHWM."""
+    async with running_sidecar(kafka, topic, listener, ordering) as (sidecar, _, app):
+        pid = sidecar_pid(sidecar)
+        received = 0
+        first = asyncio.Event()
+
+        async def slow_app() -> None:
+            nonlocal received
+            while True:
+                response = await app.next()
+                if response.WhichOneof("kind") == "batch":
+                    received += len(response.batch.records)
+                    first.set()
+                    await asyncio.sleep(ack_interval)
+                    app.send(pb.ConsumeRequest(ack=pb.Ack(batch_ids=[response.batch.batch_id])))
+
+        task = asyncio.create_task(slow_app())
+        try:
+            await asyncio.wait_for(first.wait(), 60)
+            peak = 0
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                peak = max(peak, vm_kib(pid, "VmRSS"))
+                await asyncio.sleep(0.25)
+            return {"rss_kib": peak, "hwm_kib": vm_kib(pid, "VmHWM"), "received": received}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# --- one configuration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    ordering: str
+    listener: str
+    compression: str
+
+
+@dataclass(frozen=True)
+class Options:
+    records: int
+    latency_seconds: float
+    rss_backlog: int
+    rss_seconds: float
+    rss_ack_interval: float
+    skip_latency: bool
+    skip_rss: bool
+
+
+async def run_config(
+    kafka: LocalKafka, topics: Topics, config: Config, options: Options
+) -> dict[str, Any]:
+    row: dict[str, Any] = {**asdict(config), "records": options.records}
+    if not CODECS[config.compression]():
+        row["skipped"] = f"compression {config.compression} needs pip package {CODEC_PACKAGE}"
+        log(f"SKIPPED {config}: {row['skipped']}")
+        return row
+    topic = await topics.filled("tput", options.records, config.compression)
+
+    row.update(await throughput_in_process(kafka, config.listener, topic, options.records))
+    log(f"(a) aiokafka in-process:   {row['a_records_per_s']:>10,} records/s")
+    row.update(
+        await throughput_sidecar(kafka, config.listener, config.ordering, topic, options.records)
+    )
+    log(
+        f"(b) via kafka-sidecar ({config.listener}, ordering {config.ordering}, "
+        f"{config.compression}): {row['b_records_per_s']:>10,} records/s (acked, committed)"
+    )
+    row["ratio_b_a"] = round(row["b_records_per_s"] / row["a_records_per_s"], 3)
+
+    if not options.skip_latency:
+        rate = row["b_records_per_s"] / 2
+        count = max(1000, int(rate * options.latency_seconds))
+        log(f"latency: {count:,} records paced at {rate:,.0f}/s, in-process then sidecar")
+        a = await latency_in_process(
+            kafka, topics, config.listener, config.compression, count, rate
+        )
+        b = await latency_sidecar(
+            kafka, topics, config.listener, config.ordering, config.compression, count, rate
+        )
+        (a50, a99), (b50, b99) = a.percentiles_ms(), b.percentiles_ms()
+        row.update(
+            latency_target_rate=round(rate),
+            latency_achieved_rate=round(min(a.achieved_rate(), b.achieved_rate())),
+            latency_records=count,
+            a_latency_p50_ms=round(a50, 2),
+            a_latency_p99_ms=round(a99, 2),
+            b_latency_p50_ms=round(b50, 2),
+            b_latency_p99_ms=round(b99, 2),
+            added_latency_p50_ms=round(b50 - a50, 2),
+            added_latency_p99_ms=round(b99 - a99, 2),
+        )
+
+    if not options.skip_rss:
+        small_n, large_n = options.rss_backlog, options.rss_backlog * 10
+        small = await topics.filled("rss", small_n, config.compression)
+        large = await topics.filled("rss", large_n, config.compression)
+        results = []
+        for backlog, rss_topic in ((small_n, small), (large_n, large)):
+            result = await rss_with_slow_app(
+                kafka,
+                config.listener,
+                config.ordering,
+                rss_topic,
+                options.rss_seconds,
+                options.rss_ack_interval,
+            )
+            log(
+                f"RSS with {backlog:,} waiting: {result['rss_kib'] / 1024:.1f} MiB "
+                f"(app took {result['received']:,})"
+            )
+            results.append(result)
+        rss_small, rss_large = results[0]["rss_kib"], results[1]["rss_kib"]
+        change = (rss_large - rss_small) / rss_small * 100
+        row.update(
+            rss_backlogs=[small_n, large_n],
+            rss_small_mib=round(rss_small / 1024, 1),
+            rss_large_mib=round(rss_large / 1024, 1),
+            rss_change_pct=round(change, 1),
+            rss_flat=abs(change) <= 10,
+        )
+    return row
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def cell(row: dict[str, Any], key: str, fmt: str = "{:,}") -> str:
+    return fmt.format(row[key]) if key in row else "-"
+
+
+def latency_cell(row: dict[str, Any], pct: str) -> str:
+    if f"added_latency_{pct}_ms" not in row:
+        return "-"
+    return (
+        f"{row[f'a_latency_{pct}_ms']:.1f} / {row[f'b_latency_{pct}_ms']:.1f} / "
+        f"**{row[f'added_latency_{pct}_ms']:+.1f}**"
+    )
+
+
+def table(rows: list[dict[str, Any]], options: Options) -> str:
+    head = [
+        "ordering",
+        "listener",
+        "compr.",
+        "(a) rec/s in-proc",
+        "(b) rec/s sidecar",
+        "b/a",
+        "CPU µs/rec in-proc",
+        "CPU µs/rec app",
+        "CPU µs/rec sidecar",
+        "CPU µs/rec broker (a / b)",
+        "latency rate/s",
+        "p50 ms a / b / added",
+        "p99 ms a / b / added",
+        "sidecar peak RSS MiB",
+        f"RSS MiB {options.rss_backlog // 1000}k / {options.rss_backlog // 100}k waiting",
+        "RSS change",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if "skipped" in row:
+            cells = [row["ordering"], row["listener"], row["compression"], row["skipped"]]
+            cells += [""] * (len(head) - len(cells))
+        else:
+            cells = [
+                row["ordering"],
+                row["listener"],
+                row["compression"],
+                cell(row, "a_records_per_s"),
+                cell(row, "b_records_per_s"),
+                cell(row, "ratio_b_a", "{:.2f}"),
+                cell(row, "a_cpu_us_per_record", "{:.1f}"),
+                cell(row, "app_cpu_us_per_record", "{:.1f}"),
+                cell(row, "sidecar_cpu_us_per_record", "{:.1f}"),
+                " / ".join(
+                    "?" if row[key] is None else f"{row[key]:.1f}"
+                    for key in ("a_broker_cpu_us_per_record", "b_broker_cpu_us_per_record")
+                ),
+                cell(row, "latency_achieved_rate"),
+                latency_cell(row, "p50"),
+                latency_cell(row, "p99"),
+                cell(row, "sidecar_peak_rss_mib", "{:.0f}"),
+                (
+                    f"{row['rss_small_mib']:.0f} / {row['rss_large_mib']:.0f}"
+                    if "rss_small_mib" in row
+                    else "-"
+                ),
+                (
+                    f"{row['rss_change_pct']:+.1f}% ({'flat' if row['rss_flat'] else 'NOT flat'})"
+                    if "rss_change_pct" in row
+                    else "-"
+                ),
+            ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(options: Options) -> str:
+    cores = os.cpu_count()
+    load = os.getloadavg()[0]
+    return "\n".join(
+        [
+            f"- {options.records:,} records x 1 KiB, {PARTITIONS} partitions; sidecar batch "
+            f"{BATCH}, window {WINDOW}, commits every {COMMIT_INTERVAL_MS} ms; (a) uses the "
+            "same listener as (b).",
+            f"- {cores} cores, shared by the broker (JVM), the sidecar, this process (app and "
+            f"in-process consumer) and the paced producer; 1-min load at the end {load:.2f}. "
+            "CPU = utime+stime over the timed phase (getrusage for this process, /proc/PID/stat "
+            "for the sidecar and broker), divided by the records.",
+            f"- Latency: time.time_ns at produce (in the value) -> receipt, paced producer in its "
+            f"own process at half of (b)'s rate for {options.latency_seconds:g}s, first second "
+            "dropped; a = in-process consumer, b = sidecar -> gRPC app; added = b - a.",
+            f"- RSS: fresh sidecar, app acking one batch per {options.rss_ack_interval:g}s, "
+            f"largest VmRSS sampled over {options.rss_seconds:g}s with {options.rss_backlog:,} vs "
+            f"{options.rss_backlog * 10:,} records waiting; flat = within ±10%. Peak RSS = VmHWM "
+            "after the throughput run.",
+        ]
+    )
+
+
+# --- main ------------------------------------------------------------------------------------
 
 
 async def main() -> None:
@@ -113,27 +698,67 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--records", type=int, default=200_000)
-    parser.add_argument("--listener", choices=["plaintext", "iam"], default="plaintext")
     parser.add_argument("--ordering", choices=["none", "partition"], default="none")
+    parser.add_argument("--listener", choices=["plaintext", "iam"], default="plaintext")
+    parser.add_argument("--compression", choices=list(CODECS), default="none")
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="every combination of ordering none|partition, listener plaintext|iam and "
+        "compression none|lz4|zstd, in one table",
+    )
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--rss-backlog", type=int, default=30_000, help="smaller backlog; the larger is 10x"
+    )
+    parser.add_argument("--rss-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--rss-ack-interval", type=float, default=0.25, help="the slow app's seconds per batch"
+    )
     args = parser.parse_args()
+    options = Options(
+        records=args.records,
+        latency_seconds=args.latency_seconds,
+        rss_backlog=args.rss_backlog,
+        rss_seconds=args.rss_seconds,
+        rss_ack_interval=args.rss_ack_interval,
+        skip_latency=args.skip_latency,
+        skip_rss=args.skip_rss,
+    )
+    if args.matrix:
+        configs = [
+            Config(ordering, listener, compression)
+            for compression, listener, ordering in itertools.product(
+                ["none", "lz4", "zstd"], ["plaintext", "iam"], ["none", "partition"]
+            )
+        ]
+    else:
+        configs = [Config(args.ordering, args.listener, args.compression)]
+        if not CODECS[args.compression]():
+            parser.error(
+                f"compression {args.compression}: aiokafka has no codec for it here; "
+                f"pip package {CODEC_PACKAGE} (aiokafka[{args.compression}]) is needed in the "
+                "environment of the bench and the sidecar"
+            )
+
     kafka = LocalKafka.ensure_started()
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    await produce(kafka, topic, args.records)
-    plain = await plain_consumer(kafka, topic, args.records)
-    print(f"(a) aiokafka in-process:   {plain:>10,.0f} records/s", file=sys.stderr)
-    sidecar, peak_kib = await through_sidecar(
-        kafka, topic, args.records, args.listener, args.ordering
-    )
-    print(
-        f"(b) via kafka-sidecar ({args.listener}, ordering {args.ordering}): "
-        f"{sidecar:>10,.0f} records/s (acked, committed)",
-        file=sys.stderr,
-    )
-    print(f"ratio b/a: {sidecar / plain:.2f}; sidecar peak RSS: {peak_kib / 1024:.0f} MiB")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.plaintext)
-    await admin.start()
-    await admin.delete_topics([topic])
-    await admin.close()
+    topics = Topics(kafka)
+    rows: list[dict[str, Any]] = []
+    try:
+        for config in configs:
+            log(f"== ordering {config.ordering}, {config.listener}, {config.compression}")
+            row = await run_config(kafka, topics, config, options)
+            row["loadavg_1m"] = round(os.getloadavg()[0], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        await topics.delete_all()
+    print()
+    print(table(rows, options))
+    print()
+    print(notes(options))
 
 
 if __name__ == "__main__":

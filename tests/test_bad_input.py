@@ -520,7 +520,8 @@ async def test_a_one_mib_reason_is_applied_or_rejected_never_a_stream_error(
                         outcome[record.offset] = "retried"
                 c.ack(response.batch)
             if lettered.offset not in outcome and any(
-                r.offset == lettered.offset for r in await read_all(kafka, c.dlq or "", 5)
+                dict(r.headers)["x-dlq-original-offset"] == str(lettered.offset).encode()
+                for r in await read_all(kafka, c.dlq or "", 5)
             ):
                 outcome[lettered.offset] = "dead-lettered"
         print(f"1 MiB reasons: {outcome}")
