@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaProducer
@@ -64,18 +65,24 @@ def lowest_unacked(produced: set[Key], acked: set[Key]) -> dict[int, int]:
 
 
 async def ack_the_rest(
-    sidecar: SidecarProcess, subscription: str, produced: set[Key], acked: set[Key]
+    kafka: LocalKafka,
+    sidecar: SidecarProcess,
+    sub: dict[str, Any],
+    topic: str,
+    produced: set[Key],
+    acked: set[Key],
 ) -> set[Key]:
     """A fresh app acks whatever it gets until every produced record was acked by it or
-    before; returns what it got (the replays)."""
+    before, and the group's commits reach the end; returns what it got (the replays)."""
     again: set[Key] = set()
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         app = AppStream(channel, keep=False)
-        await app.open(subscription)
+        await app.open(sub["name"])
         while (acked | again) != produced:
             batch = (await app.next("batch")).batch
             again.update(keys_of(batch))
             app.ack(batch_ids=[batch.batch_id])
+        await wait_all_committed(kafka, sub["group_id"], topic)
         app.close()
     return again
 
@@ -612,8 +619,7 @@ async def test_sigterm_commits_the_acks_made_during_the_grace(
     await wait_committed(kafka, group_id, expected, timeout=10)
 
     restarted = await start_sidecar([sub], listener="plaintext")
-    again = await ack_the_rest(restarted, "term", produced, acked)
-    await wait_all_committed(kafka, group_id, topic)
+    again = await ack_the_rest(kafka, restarted, sub, topic, produced, acked)
     line = figures(
         "SIGTERM with records in flight",
         produced=len(produced),
@@ -661,7 +667,7 @@ async def test_acks_during_the_grace_are_committed_before_it_ends(
         await asyncio.to_thread(sidecar.wait, 30)
         app.cancel()
     restarted = await start_sidecar([sub], listener="plaintext")
-    again = await ack_the_rest(restarted, "grace", produced, acked)
+    again = await ack_the_rest(kafka, restarted, sub, topic, produced, acked)
     assert not again & acked, "acks made during the grace were replayed"
     assert set(keys_of(kept)) <= again
 
