@@ -13,35 +13,23 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from sidecar.inflight import Batch
+from typing import Generic, Protocol, TypeVar
 
 TopicPartition = tuple[str, int]
 
 
-@dataclass(slots=True, eq=False)
-class Pending:
-    """One record owed to the app, as fetched, plus what delivery needs to know."""
+class Queued(Protocol):
+    """What the batching policy needs to know of a record waiting for delivery."""
 
     tp: TopicPartition
     offset: int
     size: int
-    #: The aiokafka ConsumerRecord. Its wire form is built straight into each batch it goes
-    #: out in (building it once and copying it into batches costs more).
-    message: Any
-    #: Deliveries so far; the next one is `attempts + 1` (the record's `delivery_attempt`).
-    attempts: int = 0
     #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):
     #: linger counts from here.
-    since: float = 0.0
-    #: The OpenTelemetry span of its current delivery, when tracing is on.
-    span: Any = None
-    #: The assignment of its partition it was fetched in (results of older ones are void).
-    epoch: int = 0
-    #: The batch holding it while it is out with a stream.
-    batch: Batch | None = None
+    since: float
+
+
+R = TypeVar("R", bound=Queued)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +40,12 @@ class BatchLimits:
 
 
 @dataclass(slots=True)
-class _Queue:
-    records: deque[Pending] = field(default_factory=deque)
+class _Queue(Generic[R]):
+    records: deque[R] = field(default_factory=deque)
     bytes: int = 0
 
 
-class Backlog:
+class Backlog(Generic[R]):
     """Records fetched but not out with the app, per partition, plus retries waiting out
     their backoff."""
 
@@ -66,22 +54,22 @@ class Backlog:
     def __init__(self, limits: BatchLimits, *, ordered: bool) -> None:
         self._limits = limits
         self._ordered = ordered
-        self._queues: dict[TopicPartition, _Queue] = {}
-        self._delayed: list[tuple[float, int, Pending]] = []
+        self._queues: dict[TopicPartition, _Queue[R]] = {}
+        self._delayed: list[tuple[float, int, R]] = []
         self._seq = itertools.count()
         self._rotation = 0
 
     # -- filling ---------------------------------------------------------------------------
 
-    def add(self, pending: Pending) -> None:
+    def add(self, pending: R) -> None:
         """A freshly fetched record; offsets arrive in order per partition."""
         queue = self._queues.get(pending.tp)
         if queue is None:
-            queue = self._queues[pending.tp] = _Queue()
+            queue = self._queues[pending.tp] = _Queue[R]()
         queue.records.append(pending)
         queue.bytes += pending.size
 
-    def retry(self, pending: Pending, not_before: float) -> None:
+    def retry(self, pending: R, not_before: float) -> None:
         """A record to deliver again once `not_before` has passed."""
         heapq.heappush(self._delayed, (not_before, next(self._seq), pending))
 
@@ -92,7 +80,7 @@ class Backlog:
             pending.since = now
             queue = self._queues.get(pending.tp)
             if queue is None:
-                queue = self._queues[pending.tp] = _Queue()
+                queue = self._queues[pending.tp] = _Queue[R]()
             records = queue.records
             # Usually it belongs at the front; scan from there for the rare multi-retry case.
             index = 0
@@ -107,9 +95,9 @@ class Backlog:
 
     # -- draining --------------------------------------------------------------------------
 
-    def drop(self, tps: set[TopicPartition]) -> list[Pending]:
+    def drop(self, tps: set[TopicPartition]) -> list[R]:
         """Forgets revoked partitions (their records go to the partitions' next owner)."""
-        dropped: list[Pending] = []
+        dropped: list[R] = []
         for tp in tps:
             queue = self._queues.pop(tp, None)
             if queue is not None:
@@ -142,7 +130,7 @@ class Backlog:
     def __len__(self) -> int:
         return sum(len(q.records) for q in self._queues.values()) + len(self._delayed)
 
-    def _eligible(self, blocked: set[TopicPartition]) -> list[_Queue]:
+    def _eligible(self, blocked: set[TopicPartition]) -> list[_Queue[R]]:
         """Queues that may contribute now: not blocked by the caller (revoking, or busy
         under partition ordering) and, under partition ordering, with no record of theirs
         waiting out a retry backoff (it must go out again before anything after it)."""
@@ -185,7 +173,7 @@ class Backlog:
         max_bytes: int,
         *,
         oversize: bool = True,
-    ) -> list[Pending]:
+    ) -> list[R]:
         """The next batch: at most `max_records` and `max_bytes`, lowest offsets first within
         each partition, partitions in rotation so none starves. With `oversize` (the
         receiving stream holds nothing) one record larger than `max_bytes` may go alone;
@@ -195,7 +183,7 @@ class Backlog:
             return []
         self._rotation = (self._rotation + 1) % len(queues)
         queues = queues[self._rotation :] + queues[: self._rotation]
-        batch: list[Pending] = []
+        batch: list[R] = []
         size = 0
         for queue in queues:
             records = queue.records

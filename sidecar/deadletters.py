@@ -58,7 +58,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 
-from sidecar.batcher import Pending
+from sidecar.inflight import Pending
 
 log = logging.getLogger("sidecar.deadletters")
 

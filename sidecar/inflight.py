@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.batcher import Backlog, BatchLimits, Pending, TopicPartition
+from sidecar.batcher import Backlog, BatchLimits, TopicPartition
 from sidecar.config import SubscriptionConfig
 from sidecar.ledger import Ledger
 
@@ -117,6 +117,29 @@ class Stats:
     skipped: int = 0
     #: Dead-letter confirmations that arrived for an older assignment, and were ignored.
     stale_confirmations: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One record owed to the app, as fetched, plus what delivery needs to know."""
+
+    tp: TopicPartition
+    offset: int
+    size: int
+    #: The aiokafka ConsumerRecord. Its wire form is built straight into each batch it goes
+    #: out in (building it once and copying it into batches costs more).
+    message: Any
+    #: Deliveries so far; the next one is `attempts + 1` (the record's `delivery_attempt`).
+    attempts: int = 0
+    #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):
+    #: linger counts from here.
+    since: float = 0.0
+    #: The OpenTelemetry span of its current delivery, when tracing is on.
+    span: Any = None
+    #: The assignment of its partition it was fetched in (results of older ones are void).
+    epoch: int = 0
+    #: The batch holding it while it is out with a stream.
+    batch: Batch | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -237,7 +260,7 @@ class InFlight:
     ) -> None:
         self.policy = policy
         self.ledger = ledger or Ledger()
-        self.backlog = Backlog(policy.batch, ordered=policy.ordered)
+        self.backlog: Backlog[Pending] = Backlog(policy.batch, ordered=policy.ordered)
         self.stats = stats or Stats()
         self.windows: dict[str, Window] = {}
         self._parts: dict[TopicPartition, _Partition] = {}

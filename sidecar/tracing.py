@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.batcher import Pending
 from sidecar.config import TracingConfig
+from sidecar.inflight import Pending
 
 _CONTEXT_HEADERS = ("traceparent", "tracestate")
 #: Outcomes that mean the app failed the record (as opposed to it moving elsewhere).

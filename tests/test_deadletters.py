@@ -33,8 +33,8 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from sidecar.batcher import Pending
 from sidecar.deadletters import CAUSES, DeadLetter, DeadLetterWriter, classify
+from sidecar.inflight import Pending
 from tests.localkafka import LocalKafka
 
 TopicFactory = Callable[..., Awaitable[str]]

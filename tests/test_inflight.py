@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sidecar.batcher import BatchLimits, Pending, TopicPartition
-from sidecar.inflight import MAX_REASON, Batch, InFlight, Policy, Refusal, Window
+from sidecar.batcher import BatchLimits, TopicPartition
+from sidecar.inflight import MAX_REASON, Batch, InFlight, Pending, Policy, Refusal, Window
 
 T0: TopicPartition = ("t", 0)
 T1: TopicPartition = ("t", 1)
