@@ -14,6 +14,20 @@ ensure_venv() {
   fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+  ensure_transcoder
+}
+
+# Builds the compiled record-batch transcoder (transcoder/, Rust through maturin) into the venv
+# when it is missing or its sources changed since the last build (about 90 s from scratch).
+ensure_transcoder() {
+  local stamp=$VENV/.transcoder-built
+  if [[ -f $stamp ]] && [[ -z $(find transcoder -path transcoder/target -prune -o -newer "$stamp" -type f -print) ]]; then
+    return
+  fi
+  command -v cargo >/dev/null || { echo "cargo not found (Rust is needed for transcoder/)" >&2; exit 1; }
+  echo "building the transcoder (transcoder/)" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check ./transcoder
+  touch "$stamp"
 }
 
 # Starts the local broker unless it runs; stops it on exit only if this script started it.

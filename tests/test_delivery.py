@@ -9,6 +9,7 @@ import uuid
 import grpc
 import psutil
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.harness import Consuming, consuming, stream_error
@@ -281,3 +282,26 @@ async def test_bad_input_gets_the_documented_status_and_others_keep_working(
         healthy.ack(batch_ids=[second.batch_id])
         assert (await healthy.next("batch")).batch.records
         healthy.close()
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_compressed_topics_are_delivered_intact(kafka: LocalKafka, codec: str) -> None:
+    """MSK producers compress: every codec Kafka has must reach the app, not stop the fetch."""
+    sent: dict[bytes, bytes] = {}
+
+    async def produce_compressed(c: Consuming) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.plaintext, compression_type=codec)
+        await producer.start()
+        try:
+            for i in range(300):
+                key, value = b"k%d" % i, (b"%d-" % i) * (i % 50 + 1)
+                sent[key] = value
+                await producer.send(c.topic, value, key=key, partition=i % 2)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async with consuming(kafka, f"zip-{codec}", partitions=2, prepare=produce_compressed) as c:
+        records = await c.receive(300)
+        assert {r.key: r.value for r in records} == sent
+        await c.wait_committed()
