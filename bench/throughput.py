@@ -16,8 +16,9 @@ For each configuration (ordering x listener x compression) it reports:
 
 Prints one JSON line per configuration as it finishes and a markdown table at the end (stdout);
 progress goes to stderr. `--matrix` runs ordering none|partition x plaintext|iam x
-none|lz4|zstd. Compressed runs need aiokafka's codec package (cramjam) in the environment of
-both the bench and the sidecar.
+none|lz4|zstd. Compressed runs need aiokafka's codec package (cramjam, from the
+aiokafka[lz4,snappy,zstd] dependency) in the environment of both the bench and the sidecar;
+without it a single run refuses that compression and the matrix marks its rows skipped.
 
     .venv/bin/python bench/throughput.py [--records 200000] [--ordering none|partition]
         [--listener plaintext|iam] [--compression none|gzip|snappy|lz4|zstd]
@@ -42,7 +43,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -185,10 +185,21 @@ class Topics:
         await admin.start()
         try:
             await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+            async with asyncio.timeout(30):  # every partition has a leader: no retries later
+                while not await self._ready(admin, topic):
+                    await asyncio.sleep(0.1)
         finally:
             await admin.close()
         self.created.append(topic)
         return topic
+
+    @staticmethod
+    async def _ready(admin: AIOKafkaAdminClient, topic: str) -> bool:
+        described = await admin.describe_topics([topic])
+        partitions = described[0]["partitions"] if described else []
+        return len(partitions) == PARTITIONS and all(
+            p["error_code"] == 0 and p["leader"] >= 0 for p in partitions
+        )
 
     async def filled(self, kind: str, count: int, compression: str) -> str:
         """A topic holding `count` records produced with `compression` (made once)."""
@@ -200,22 +211,23 @@ class Topics:
         return self._filled[key]
 
     async def produce(self, topic: str, count: int, compression: str) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.kafka.plaintext,
-            linger_ms=20,
-            max_batch_size=512 * 1024,
-            acks=1,
-            compression_type=None if compression == "none" else compression,
-        )
+        producer = new_producer(self.kafka.plaintext, compression)
         await producer.start()
         started = time.perf_counter()
         try:
             pool = self._values
-            for i in range(count):
-                await producer.send(topic, pool[i % len(pool)], partition=i % PARTITIONS)
-                if i % 100_000 == 0 and i:
-                    log(f"  produced {i:,}")
-            await producer.flush()
+            sent = batches = 0
+            delivered = []
+            while sent < count:
+                batch = producer.create_batch()
+                while sent < count and append(batch, pool[sent % len(pool)]):
+                    sent += 1
+                partition = batches % PARTITIONS
+                delivered.append(await producer.send_batch(batch, topic, partition=partition))
+                batches += 1
+                if sent // 100_000 > (sent - batch.record_count()) // 100_000:
+                    log(f"  produced {sent:,}")
+            await asyncio.gather(*delivered)
         finally:
             await producer.stop()
         log(
@@ -234,53 +246,90 @@ class Topics:
             await admin.close()
 
 
+def new_producer(bootstrap: str, compression: str) -> AIOKafkaProducer:
+    """A producer for whole batches (`create_batch`/`send_batch`): far less CPU per record
+    than `send`, which matters when it shares the cores with what it measures."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks=1,
+        max_batch_size=512 * 1024,
+        compression_type=None if compression == "none" else compression,
+    )
+
+
+def append(batch: Any, value: bytes) -> bool:
+    """Adds a record to a BatchBuilder; False when the batch is full."""
+    return batch.append(key=None, value=value, timestamp=None) is not None
+
+
 def paced_producer(bootstrap: str, topic: str, count: int, rate: float, compression: str) -> None:
     """Child process: `count` records at `rate` records/s, each stamped with its produce time
-    (time.time_ns) in the first 8 bytes of its value."""
+    (time.time_ns) in the first 8 bytes of its value. Every 2 ms it sends what is due as one
+    batch, to the partitions in turn."""
 
     async def run() -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            linger_ms=1,
-            acks=1,
-            compression_type=None if compression == "none" else compression,
-        )
+        producer = new_producer(bootstrap, compression)
         await producer.start()
         pool = [value[STAMP.size :] for value in values()]
         started = time.monotonic()
-        sent = 0
+        sent = batches = 0
+        delivered = []
         try:
             while sent < count:
                 due = min(count, int((time.monotonic() - started) * rate) + 1)
-                while sent < due:
-                    value = STAMP.pack(time.time_ns()) + pool[sent % len(pool)]
-                    await producer.send(topic, value, partition=sent % PARTITIONS)
-                    sent += 1
-                await asyncio.sleep(0.001)
-            await producer.flush()
+                if sent < due:
+                    batch = producer.create_batch()
+                    while sent < due and append(
+                        batch, STAMP.pack(time.time_ns()) + pool[sent % len(pool)]
+                    ):
+                        sent += 1
+                    partition = batches % PARTITIONS
+                    delivered.append(await producer.send_batch(batch, topic, partition=partition))
+                    batches += 1
+                if sent >= due:
+                    await asyncio.sleep(0.002)
+            await asyncio.gather(*delivered)
         finally:
             await producer.stop()
 
     asyncio.run(run())
 
 
-@contextlib.asynccontextmanager
-async def pacing(
-    kafka: LocalKafka, topic: str, count: int, rate: float, compression: str
-) -> AsyncIterator[BaseProcess]:
-    """Runs the paced producer in its own process (so it does not share the receiver's event
-    loop) for the duration of the block, and waits for it at the end."""
-    process = multiprocessing.get_context("spawn").Process(
-        target=paced_producer, args=(kafka.plaintext, topic, count, rate, compression)
-    )
-    process.start()
-    try:
-        yield process
-    finally:
-        await asyncio.to_thread(process.join, 60)
-        if process.exitcode is None:
-            process.kill()
-            await asyncio.to_thread(process.join)
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Pacing:
+    """The paced producer in its own process (so it does not share the receiver's event loop)
+    for the duration of an `async with` block, which waits for it at the end. `cpu` is its
+    CPU seconds (getrusage of the children reaped meanwhile: only this one)."""
+
+    def __init__(
+        self, kafka: LocalKafka, topic: str, count: int, rate: float, compression: str
+    ) -> None:
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=paced_producer, args=(kafka.plaintext, topic, count, rate, compression)
+        )
+        self.cpu = 0.0
+
+    async def __aenter__(self) -> Pacing:
+        self._children_cpu = children_cpu()
+        self.process.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.process.join, 60)
+        if self.process.exitcode is None:
+            self.process.kill()
+            await asyncio.to_thread(self.process.join)
+        self.cpu = children_cpu() - self._children_cpu
+        self.check(finished=True)
+
+    def check(self, finished: bool = False) -> None:
+        """Raises at once if the producer died (instead of waiting for its records)."""
+        if self.process.exitcode not in ((0,) if finished else (None, 0)):
+            raise RuntimeError(f"paced producer exited with {self.process.exitcode}")
 
 
 @dataclass
@@ -288,6 +337,7 @@ class Latencies:
     """receipt - produce time per record, in ns, after the first second (warm-up)."""
 
     samples: list[tuple[int, int]] = field(default_factory=list)  # (produced ns, latency ns)
+    producer_cpu: float = 0.0  # the paced producer's CPU seconds
 
     def add(self, received_ns: int, value: bytes) -> None:
         (produced,) = STAMP.unpack_from(value)
@@ -419,15 +469,17 @@ async def latency_in_process(
     async with in_process_consumer(kafka, listener, topic) as consumer:
         await consumer.getmany(timeout_ms=200)  # fetching before the first record is produced
         async with (
-            pacing(kafka, topic, count, rate, compression),
+            Pacing(kafka, topic, count, rate, compression) as producer,
             asyncio.timeout(120 + count / rate),
         ):
             while len(latencies.samples) < count:
+                producer.check()
                 batches = await consumer.getmany(timeout_ms=500, max_records=5000)
                 received = time.time_ns()
                 for records in batches.values():
                     for record in records:
                         latencies.add(received, record.value)
+        latencies.producer_cpu = producer.cpu
     return latencies
 
 
@@ -444,16 +496,18 @@ async def latency_sidecar(
     latencies = Latencies()
     async with (
         running_sidecar(kafka, topic, listener, ordering) as (_, _, app),
-        pacing(kafka, topic, count, rate, compression),
+        Pacing(kafka, topic, count, rate, compression) as producer,
         asyncio.timeout(120 + count / rate),
     ):
         while len(latencies.samples) < count:
+            producer.check()
             response = await app.next()
             if response.WhichOneof("kind") == "batch":
                 received = time.time_ns()
                 for record in response.batch.records:
                     latencies.add(received, record.value)
                 app.send(pb.ConsumeRequest(ack=pb.Ack(batch_ids=[response.batch.batch_id])))
+    latencies.producer_cpu = producer.cpu
     return latencies
 
 
@@ -554,6 +608,7 @@ async def run_config(
             latency_target_rate=round(rate),
             latency_achieved_rate=round(min(a.achieved_rate(), b.achieved_rate())),
             latency_records=count,
+            producer_cpu_us_per_record=us_per(max(a.producer_cpu, b.producer_cpu), count),
             a_latency_p50_ms=round(a50, 2),
             a_latency_p99_ms=round(a99, 2),
             b_latency_p50_ms=round(b50, 2),
