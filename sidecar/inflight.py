@@ -456,15 +456,11 @@ class InFlight:
     ) -> Refused:
         """Gives records back: to retry after a backoff (`retry_after_s`, 0 = the policy's;
         never more than its max backoff), or straight to the dead-letter topic."""
-        refused = Refused()
         if dead_letter and not self.policy.dead_letters:
-            for batch_id in batch_ids:
-                refused.batch(batch_id, Refusal.INVALID)
-            for ref in refs:
-                refused.record(ref, Refusal.INVALID)
+            refused = self.invalid(batch_ids, refs)
             refused.message = "this subscription has no dead_letter topic"
-            self.stats.rejected += len(refused)
             return refused
+        refused = Refused()
         # A record named twice (by its batch and by itself, or twice over) is taken once.
         targets: dict[Pending, None] = {}
         for batch_id in _unique(batch_ids):
