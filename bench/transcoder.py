@@ -7,9 +7,11 @@ batches of ~16 KiB (the Java producer's default batch.size), each record a 16-by
 1,000-byte JSON-ish value and a `traceparent` header. Paths, each from the fetch's bytes to
 the serialized `ConsumeResponse` with one `Batch` of all the records:
 
-- current: aiokafka's PartitionRecords over MemoryRecords (its fetcher's parse, Cython),
-  sidecar/inflight.py `_pending` per record, sidecar/wire.py `batch`, SerializeToString;
-- compiled / pure: `transcode`, `split`, `batch_bytes(response=True)`; and `transcode` alone.
+- current: the sidecar's path before the transcoder: aiokafka's PartitionRecords over
+  MemoryRecords (its fetcher's parse, Cython), a flow-control size per record, protobuf built
+  field by field, SerializeToString;
+- compiled / pure: `transcode`, then `batch_bytes(response=True)` over the fetch as one run; and
+  `transcode` alone.
 
 Prints records/s and µs/record (best of several runs). Timing only: nothing is asserted.
 """
@@ -21,8 +23,6 @@ import random
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
 
 from aiokafka.codec import lz4_encode, zstd_encode
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
@@ -31,8 +31,8 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
 
-from sidecar import wire
-from sidecar.inflight import _pending
+from kafkasidecar.v1 import consumer_pb2 as pb
+from tests.test_transcoder import flow_control_size, protobuf_batch
 
 TOPIC, PARTITION = "bench-topic", 3
 RECORD_BYTES = 1024
@@ -95,21 +95,15 @@ def fetch(codec: str, batch_bytes: int, seed: int = 1) -> tuple[bytes, int]:
     return bytes(out), records
 
 
-@dataclass
-class _Batch:
-    """What sidecar/wire.py `batch` reads of an inflight Batch."""
-
-    id: int
-    records: list[Any]
-
-
 def current(data: bytes) -> bytes:
+    """The sidecar's path before the transcoder: aiokafka's records, a size per record (the
+    state machine's object per record), protobuf built field by field."""
     tp = TopicPartition(TOPIC, PARTITION)
-    parsed = PartitionRecords(tp, MemoryRecords(data), None, 0, None, None, True, READ_UNCOMMITTED)
-    pending = [_pending((TOPIC, PARTITION), message, 0.0, 0) for message in parsed]
-    for p in pending:
-        p.attempts = 1
-    return wire.batch(cast(Any, _Batch(1, pending))).SerializeToString()
+    parsed = list(
+        PartitionRecords(tp, MemoryRecords(data), None, 0, None, None, True, READ_UNCOMMITTED)
+    )
+    sum(map(flow_control_size, parsed))
+    return pb.ConsumeResponse(batch=protobuf_batch(1, parsed, lambda _: 1)).SerializeToString()
 
 
 def via(module: object, *, whole: bool) -> Callable[[bytes], object]:
@@ -120,7 +114,7 @@ def via(module: object, *, whole: bool) -> Callable[[bytes], object]:
         result = transcode(data, TOPIC, PARTITION, fetch_offset=0, aborted=None)
         if not whole:
             return result
-        return batch_bytes(1, [(r, 1) for r in result.split()], response=True)
+        return batch_bytes(1, [(result.wire, result.ends, 0, len(result), 1)], response=True)
 
     return run
 

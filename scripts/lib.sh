@@ -19,9 +19,15 @@ ensure_venv() {
 
 # Builds the compiled record-batch transcoder (transcoder/, Rust through maturin) into the venv
 # when it is missing or its sources changed since the last build (about 90 s from scratch).
+# Its wheel is the extension module alone (`kafka_sidecar_transcoder_native`); the package
+# itself (transcoder/python) comes with the editable install above, so Python changes there need
+# no rebuild. The import check catches a venv whose build went missing under a fresh stamp.
 ensure_transcoder() {
   local stamp=$VENV/.transcoder-built
-  if [[ -f $stamp ]] && [[ -z $(find transcoder -path transcoder/target -prune -o -newer "$stamp" -type f -print) ]]; then
+  if [[ -f $stamp ]] \
+    && [[ -z $(find transcoder -path transcoder/target -prune -o -path transcoder/python -prune \
+      -o -newer "$stamp" -type f -print) ]] \
+    && "$VENV/bin/python" -c 'import kafka_sidecar_transcoder_native' 2>/dev/null; then
     return
   fi
   command -v cargo >/dev/null || { echo "cargo not found (Rust is needed for transcoder/)" >&2; exit 1; }

@@ -5,6 +5,10 @@ the fetch and their delivery, and again between a nack and their redelivery, so 
 where ordering is enforced: under `ordering: partition` a partition contributes only when none
 of its records are out with the app, and always from its lowest offset, so a retried record
 goes out again before anything after it.
+
+What waits here are runs: records of one partition fetched together and handed out together
+(one object per run, not per record, keeps the cost per record down). A run is split only
+where a batch's limits cut it.
 """
 
 from __future__ import annotations
@@ -13,20 +17,34 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 TopicPartition = tuple[str, int]
 
 
 class Queued(Protocol):
-    """What the batching policy needs to know of a record waiting for delivery."""
+    """What the batching policy needs to know of a run of records waiting for delivery."""
 
     tp: TopicPartition
+    #: Offset of its first record.
     offset: int
+    #: Flow-control bytes of all its records.
     size: int
     #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):
     #: linger counts from here.
     since: float
+
+    def __len__(self) -> int:
+        """Records in the run (at least one)."""
+        ...
+
+    def fit(self, max_records: int, max_bytes: int) -> int:
+        """How many of its first records fit in `max_records` and `max_bytes`."""
+        ...
+
+    def split(self, count: int) -> Self:
+        """Keeps its first `count` records (0 < count < len) and returns the rest."""
+        ...
 
 
 R = TypeVar("R", bound=Queued)
@@ -42,6 +60,8 @@ class BatchLimits:
 @dataclass(slots=True)
 class _Queue(Generic[R]):
     records: deque[R] = field(default_factory=deque)
+    #: Records (not runs) and bytes in `records`.
+    count: int = 0
     bytes: int = 0
 
 
@@ -67,6 +87,7 @@ class Backlog(Generic[R]):
         if queue is None:
             queue = self._queues[pending.tp] = _Queue[R]()
         queue.records.append(pending)
+        queue.count += len(pending)
         queue.bytes += pending.size
 
     def retry(self, pending: R, not_before: float) -> None:
@@ -87,6 +108,7 @@ class Backlog(Generic[R]):
             while index < len(records) and records[index].offset < pending.offset:
                 index += 1
             records.insert(index, pending)
+            queue.count += len(pending)
             queue.bytes += pending.size
 
     def next_due(self) -> float | None:
@@ -111,10 +133,10 @@ class Backlog(Generic[R]):
     def buffered(self, tp: TopicPartition) -> tuple[int, int]:
         """(records, bytes) waiting for delivery in one partition, retries included."""
         queue = self._queues.get(tp)
-        records, size = (len(queue.records), queue.bytes) if queue else (0, 0)
+        records, size = (queue.count, queue.bytes) if queue else (0, 0)
         for _, _, pending in self._delayed:
             if pending.tp == tp:
-                records += 1
+                records += len(pending)
                 size += pending.size
         return records, size
 
@@ -128,7 +150,10 @@ class Backlog(Generic[R]):
         return lowest
 
     def __len__(self) -> int:
-        return sum(len(q.records) for q in self._queues.values()) + len(self._delayed)
+        """Records waiting, retries included."""
+        return sum(q.count for q in self._queues.values()) + sum(
+            len(pending) for _, _, pending in self._delayed
+        )
 
     def _eligible(self, blocked: set[TopicPartition]) -> list[_Queue[R]]:
         """Queues that may contribute now: not blocked by the caller (revoking, or busy
@@ -159,7 +184,7 @@ class Backlog(Generic[R]):
         size = 0
         oldest = now
         for queue in queues:
-            records += len(queue.records)
+            records += queue.count
             size += queue.bytes
             oldest = min(oldest, queue.records[0].since)
         if records >= max_records or size >= max_bytes:
@@ -184,17 +209,29 @@ class Backlog(Generic[R]):
         self._rotation = (self._rotation + 1) % len(queues)
         queues = queues[self._rotation :] + queues[: self._rotation]
         batch: list[R] = []
-        size = 0
+        count = size = 0
         for queue in queues:
             records = queue.records
-            while records and len(batch) < max_records:
+            while records and count < max_records:
                 head = records[0]
-                if size + head.size > max_bytes and (batch or not oversize):
-                    return batch
-                records.popleft()
+                taken = len(head)
+                if count + taken > max_records or size + head.size > max_bytes:
+                    taken = head.fit(max_records - count, max_bytes - size)
+                    if not taken:
+                        if batch or not oversize:
+                            return batch
+                        taken = 1  # one record larger than the batch goes alone
+                    if taken < len(head):
+                        records[0] = head.split(taken)
+                    else:
+                        records.popleft()
+                else:
+                    records.popleft()
+                queue.count -= taken
                 queue.bytes -= head.size
+                count += taken
                 size += head.size
                 batch.append(head)
-            if len(batch) >= max_records:
+            if count >= max_records:
                 break
         return batch

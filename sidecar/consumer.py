@@ -21,6 +21,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from sidecar import tap
 from sidecar.config import SubscriptionConfig
 from sidecar.dispatcher import Dispatcher
 from sidecar.ledger import Ledger, decode_settled, encode_settled
@@ -43,6 +44,14 @@ async def close_consumer(consumer: AIOKafkaConsumer) -> None:
         if task is not None and task.cancelling():
             raise
         await consumer._client.close()
+
+
+def transcoding_consumer(**kwargs: Any) -> AIOKafkaConsumer:
+    """An AIOKafkaConsumer whose `getmany` returns, per partition, the `Transcoded` records
+    of each fetch (and `tap.Corrupt` where a batch cannot be read) instead of a
+    ConsumerRecord per record: see sidecar/tap.py."""
+    tap.install()
+    return AIOKafkaConsumer(key_deserializer=tap.TRANSCODE, **kwargs)
 
 
 @dataclass(slots=True)
@@ -80,9 +89,9 @@ class Fetcher:
         try:
             while not stop():
                 try:
-                    fetched = await self.consumer.getmany(
-                        timeout_ms=200, max_records=self.config.batch.max_records * 2
-                    )
+                    # One item per partition's fetch: the fetch size bounds it, and the
+                    # backlog's thresholds pause partitions.
+                    fetched = await self.consumer.getmany(timeout_ms=200)
                 except KafkaError as exc:
                     log.warning(
                         "fetch failed; retrying",
@@ -90,13 +99,35 @@ class Fetcher:
                     )
                     await asyncio.sleep(1)
                     continue
-                for tp, records in fetched.items():
-                    self.dispatcher.add((tp.topic, tp.partition), records)
+                corrupt = False
+                for tp, items in fetched.items():
+                    for item in items:
+                        if isinstance(item, tap.Corrupt):
+                            corrupt = True
+                            self._corrupt(item)
+                        else:
+                            self.dispatcher.add((tp.topic, tp.partition), item)
                 self.apply()
+                if corrupt:
+                    # The position stays at the bad batch: the next fetch meets it again.
+                    await asyncio.sleep(1)
                 if after_poll is not None:
                     await after_poll()
         finally:
             resumer.cancel()
+
+    def _corrupt(self, item: tap.Corrupt) -> None:
+        log.error(
+            "a record batch cannot be read (bad CRC, malformed or undecompressable); the "
+            "partition is stuck at it until the log is repaired or the offset reset past it",
+            extra={
+                "subscription": self.config.name,
+                "topic": item.tp[0],
+                "partition": item.tp[1],
+                "offset": item.offset,
+                "error": repr(item.error),
+            },
+        )
 
     async def _resume_on_room(self) -> None:
         """Resumes as soon as batches went out, not at the next poll: a poll with every
@@ -147,7 +178,7 @@ class GroupConsumer:
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         consumer = self.config.consumer
-        return AIOKafkaConsumer(
+        return transcoding_consumer(
             group_id=self.config.group_id,
             enable_auto_commit=False,
             auto_offset_reset=consumer.auto_offset_reset,

@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 
 from sidecar.inflight import Pending
+from sidecar.wire import Message
 
 log = logging.getLogger("sidecar.deadletters")
 
@@ -111,15 +112,18 @@ class DeadLetterError(Exception):
 
 @dataclass(slots=True)
 class DeadLetter:
+    #: The record (a run of one) in the state machine, which its confirmation settles.
     pending: Pending
     reason: str
+    #: The record itself, parsed from its `Record` bytes once, for writing it.
+    message: Message
 
 
 def dlq_headers(
     letter: DeadLetter, group_id: str, failed_at_ms: int
 ) -> list[tuple[str, bytes | None]]:
     """The original headers, in order, then the x-dlq-* headers of docs/DESIGN.md §4.6."""
-    message = letter.pending.message
+    message = letter.message
     headers: list[tuple[str, bytes | None]] = list(message.headers)
     extra = {
         "x-dlq-original-topic": message.topic,
@@ -400,14 +404,14 @@ class DeadLetterWriter:
                 self._maybe_close(gen)
 
     def _needs_isolation(self, entry: _Entry) -> bool:
-        message = entry.letter.pending.message
+        message = entry.letter.message
         if message.key is None and message.value is None:
             return True  # AIOKafkaProducer.send asserts one of them is set
         return _approx_size(message.key, message.value, message.headers) > LARGE_RECORD_BYTES
 
     async def _send(self, gen: _Generation, entry: _Entry) -> asyncio.Future[Any]:
         """Hands the DLQ record to the producer; returns the future of its confirmation."""
-        message = entry.letter.pending.message
+        message = entry.letter.message
         headers = dlq_headers(entry.letter, self.group_id, entry.failed_at_ms)
         producer = gen.producer
         if not gen.isolated:
@@ -669,7 +673,7 @@ def _where(entry: _Entry) -> str:
 
 
 def _approx_size(
-    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]
 ) -> int:
     """An upper bound of a record's size in a batch, like aiokafka's estimate."""
     size = 61 + 21  # batch header + per-record overhead

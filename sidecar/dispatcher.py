@@ -14,14 +14,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from sidecar import __version__, wire
 from sidecar.batcher import TopicPartition
 from sidecar.config import SubscriptionConfig
 from sidecar.deadletters import DeadLetter
-from sidecar.inflight import Batch, InFlight, Policy, Refused, Stats, Window
+from sidecar.inflight import Batch, Fetched, InFlight, Policy, Refused, Stats, Window
 from sidecar.ledger import Ledger
 from sidecar.tracing import Tracing
 
@@ -35,9 +34,10 @@ class Stream:
     id: str
     client_id: str
     window: Window
-    outbox: asyncio.Queue[pb.ConsumeResponse | None] = field(default_factory=asyncio.Queue)
+    #: Messages, or the bytes of one (batches are built as bytes: see `wire.batch`).
+    outbox: asyncio.Queue[pb.ConsumeResponse | bytes | None] = field(default_factory=asyncio.Queue)
 
-    def send(self, message: pb.ConsumeResponse) -> None:
+    def send(self, message: pb.ConsumeResponse | bytes) -> None:
         self.outbox.put_nowait(message)
 
 
@@ -160,9 +160,9 @@ class Dispatcher:
 
     # -- from the consumer -----------------------------------------------------------------
 
-    def add(self, tp: TopicPartition, records: list[Any]) -> None:
-        """Fetched records of one partition, in offset order."""
-        if self.flight.add(tp, records, time.monotonic()):
+    def add(self, tp: TopicPartition, fetch: Fetched) -> None:
+        """The records one fetch brought for one partition, in offset order."""
+        if self.flight.add(tp, fetch, time.monotonic()):
             log.warning(
                 "partition repositioned below what was fetched (e.g. auto_offset_reset after "
                 "the log was truncated); what was in flight there is void and it starts over",
@@ -170,7 +170,7 @@ class Dispatcher:
                     "subscription": self.config.name,
                     "topic": tp[0],
                     "partition": tp[1],
-                    "offset": records[0].offset,
+                    "offset": fetch.offsets[0],
                 },
             )
         self._wake.set()
@@ -260,7 +260,7 @@ class Dispatcher:
         if letters:
             assert self._dead_letters is not None, "dead letters without a dead_letter topic"
             for pending, reason in letters:
-                self._dead_letters(DeadLetter(pending, reason))
+                self._dead_letters(DeadLetter(pending, reason, wire.message(pending)))
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -25,7 +25,14 @@ hypothesis state machine). That is why retry backoffs are capped by the policy w
 app asks for, and why a record never leaves this machine except by being settled or by its
 partition being revoked or reset.
 
-Pure: no I/O, no asyncio, no clock (callers pass `now`), no protobuf.
+Records travel in runs (`Pending`): the consecutive records of one partition that one fetch
+brought, handed out, acked and retried together, so the cost per record is a few list and
+dict operations in C, not Python objects of our own. A run is split only where the app or
+the policy treats its records apart: a batch limit cutting it, an ack or nack naming a single
+record, dead-lettering (one letter per record), and tracing (a span per record).
+
+Pure: no I/O, no asyncio, no clock (callers pass `now`), no protobuf (records arrive as the
+transcoder's `Record` bytes and leave the same way).
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from __future__ import annotations
 import enum
 import itertools
 import random
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.batcher import Backlog, BatchLimits, TopicPartition
 from sidecar.config import SubscriptionConfig
@@ -119,17 +127,35 @@ class Stats:
     stale_confirmations: int = 0
 
 
+class Fetched(Protocol):
+    """What a fetch of one partition brings (the transcoder's `Transcoded`): records i is
+    `wire[ends[i - 1]:ends[i]]` (from 0 for the first), at `offsets[i]`, of flow-control
+    size `sizes[i]`; offsets ascending."""
+
+    @property
+    def wire(self) -> bytes: ...
+    @property
+    def ends(self) -> list[int]: ...
+    @property
+    def offsets(self) -> list[int]: ...
+    @property
+    def sizes(self) -> list[int]: ...
+
+
 @dataclass(slots=True, eq=False)
 class Pending:
-    """One record owed to the app, as fetched, plus what delivery needs to know."""
+    """A run of records owed to the app: `fetch`'s records `lo` to `hi` (exclusive), all of
+    one partition, next to each other in what was fetched, delivered together."""
 
     tp: TopicPartition
+    fetch: Fetched
+    lo: int
+    hi: int
+    #: Offset of its first record.
     offset: int
+    #: Flow-control bytes of its records.
     size: int
-    #: The aiokafka ConsumerRecord. Its wire form is built straight into each batch it goes
-    #: out in (building it once and copying it into batches costs more).
-    message: Any
-    #: Deliveries so far; the next one is `attempts + 1` (the record's `delivery_attempt`).
+    #: Deliveries so far; the next one is `attempts + 1` (its records' `delivery_attempt`).
     attempts: int = 0
     #: Monotonic time it became deliverable (fetch time, or end of its retry backoff):
     #: linger counts from here.
@@ -140,6 +166,60 @@ class Pending:
     epoch: int = 0
     #: The batch holding it while it is out with a stream.
     batch: Batch | None = None
+
+    @classmethod
+    def of(
+        cls, tp: TopicPartition, fetch: Fetched, lo: int, hi: int, now: float, epoch: int
+    ) -> Pending:
+        return cls(
+            tp, fetch, lo, hi, fetch.offsets[lo], sum(fetch.sizes[lo:hi]), since=now, epoch=epoch
+        )
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def offsets(self) -> list[int]:
+        return self.fetch.offsets[self.lo : self.hi]
+
+    @property
+    def last(self) -> int:
+        return self.fetch.offsets[self.hi - 1]
+
+    def record(self) -> bytes:
+        """The `Record` bytes of its first record (of its only one, where that matters)."""
+        ends = self.fetch.ends
+        return self.fetch.wire[ends[self.lo - 1] if self.lo else 0 : ends[self.lo]]
+
+    def fit(self, max_records: int, max_bytes: int) -> int:
+        """How many of its first records fit in `max_records` and `max_bytes`."""
+        count = min(self.hi - self.lo, max_records)
+        if count <= 0:
+            return 0
+        sizes = self.fetch.sizes[self.lo : self.lo + count]
+        return bisect_right(list(itertools.accumulate(sizes)), max_bytes)
+
+    def split(self, count: int) -> Pending:
+        """Keeps its first `count` records (0 < count < len) and returns the rest, which
+        shares everything else (batch, attempts, epoch) until it goes its own way."""
+        at = self.lo + count
+        fetch = self.fetch
+        tail = Pending(
+            self.tp,
+            fetch,
+            at,
+            self.hi,
+            fetch.offsets[at],
+            sum(fetch.sizes[at : self.hi]),
+            self.attempts,
+            self.since,
+            None,
+            self.epoch,
+            self.batch,
+        )
+        self.hi = at
+        self.size -= tail.size
+        return tail
 
 
 @dataclass(slots=True, eq=False)
@@ -241,8 +321,8 @@ class Dispatch:
     wake_at: float | None = None
 
 
-#: A record given up on, and why: written to the dead-letter topic by the shell, which
-#: reports back with `dead_lettered`.
+#: A record (a run of one) given up on, and why: written to the dead-letter topic by the
+#: shell, which reports back with `dead_lettered`.
 Letter = tuple[Pending, str]
 
 
@@ -258,6 +338,8 @@ class InFlight:
         rng: random.Random | None = None,
         on_end: Callable[[Pending, str], None] | None = None,
     ) -> None:
+        """`on_end` is told when each delivery ends (tracing spans): runs are then single
+        records, since each record's span ends on its own."""
         self.policy = policy
         self.ledger = ledger or Ledger()
         self.backlog: Backlog[Pending] = Backlog(policy.batch, ordered=policy.ordered)
@@ -270,6 +352,7 @@ class InFlight:
         self._rng = rng or random.Random()
         #: Called when a record's delivery ends (tracing spans), with the outcome.
         self._on_end = on_end
+        self._per_record = on_end is not None
         #: Dead letters decided since the shell last took them.
         self._letters: list[Letter] = []
 
@@ -298,7 +381,9 @@ class InFlight:
 
     def unsettled_in(self, tps: Iterable[TopicPartition]) -> int:
         """Records of these partitions out with the app or on their way to the DLQ."""
-        return sum(len(part.out) for tp in tps if (part := self._parts.get(tp)) is not None)
+        return sum(
+            _records(part.out.values()) for tp in tps if (part := self._parts.get(tp)) is not None
+        )
 
     def revoke(self, tps: Iterable[TopicPartition]) -> set[TopicPartition]:
         """Forgets the partitions: the next owner gets what was not settled. Returns the
@@ -341,38 +426,58 @@ class InFlight:
 
     # -- from the consumer -------------------------------------------------------------------
 
-    def add(self, tp: TopicPartition, records: list[Any], now: float) -> bool:
-        """Fetched records of one partition, in offset order. Returns True when they start
-        below what was already fetched: the consumer was repositioned (e.g. by
-        `auto_offset_reset` after the log was truncated), so the partition starts over from
+    def add(self, tp: TopicPartition, fetch: Fetched, now: float) -> bool:
+        """The records one fetch brought for one partition, in offset order. Returns True
+        when they start below what was already fetched: the consumer was repositioned (e.g.
+        by `auto_offset_reset` after the log was truncated), so the partition starts over from
         them, as after a reset."""
         part = self._parts.get(tp)
-        if not records or part is None or part.revoking:
+        offsets = fetch.offsets
+        if not offsets or part is None or part.revoking:
             # A revoking (or no longer owned) partition's records belong to its next owner;
             # not tracking them keeps the commit from passing them.
             return False
         ledger = self.ledger.partition(tp)
-        repositioned = ledger is not None and records[0].offset < ledger.next_offset
+        repositioned = ledger is not None and offsets[0] < ledger.next_offset
         if repositioned:
             self.reset([tp])
             part = self._parts[tp]
             ledger = None
         if ledger is None:
             # The first record fetched in an assignment is where its ledger starts.
-            self.ledger.assign(tp, records[0].offset)
+            self.ledger.assign(tp, offsets[0])
             ledger = self.ledger.partition(tp)
             assert ledger is not None
-        epoch, skip, backlog = part.epoch, part.skip, self.backlog
-        track, settle = ledger.track, ledger.settle
-        for message in records:
-            offset = message.offset
-            track(offset)
-            if skip and _in_ranges(skip, offset):
+        ledger.track_run(offsets)
+        runs = [(0, len(offsets))]
+        if part.skip:
+            runs = self._skip(part.skip, offsets, ledger.settle)
+        if self._per_record:
+            runs = [(i, i + 1) for lo, hi in runs for i in range(lo, hi)]
+        add, epoch = self.backlog.add, part.epoch
+        for lo, hi in runs:
+            add(Pending.of(tp, fetch, lo, hi, now, epoch))
+        return repositioned
+
+    def _skip(
+        self, skip: list[tuple[int, int]], offsets: list[int], settle: Callable[[int], Any]
+    ) -> list[tuple[int, int]]:
+        """Settles the fetched records an earlier owner settled (`skip`, consumed as offsets
+        go by); returns the runs of the others, as index ranges."""
+        runs: list[tuple[int, int]] = []
+        lo = 0
+        for index, offset in enumerate(offsets):
+            if _in_ranges(skip, offset):
                 settle(offset)
                 self.stats.skipped += 1
-                continue
-            backlog.add(_pending(tp, message, now, epoch))
-        return repositioned
+                if lo < index:
+                    runs.append((lo, index))
+                lo = index + 1
+            elif not skip:
+                break
+        if lo < len(offsets):
+            runs.append((lo, len(offsets)))
+        return runs
 
     def backpressure(self, tp: TopicPartition, paused: bool) -> bool:
         """Whether fetching `tp` should be paused (given whether it is now).
@@ -416,7 +521,7 @@ class InFlight:
             for pending in list(batch.records):
                 self._take_back(pending, batch, "stream_lost")
                 self._requeue(pending, now)
-                returned += 1
+                returned += len(pending)
         window.batches.clear()
         self.stats.stream_lost += returned
         return returned
@@ -436,8 +541,8 @@ class InFlight:
             found = self._find(window, ref)
             if isinstance(found, Refusal):
                 refused.record(ref, found)
-            elif found.batch not in batches:  # else named by its batch too: settled once
-                self._settle(found)
+            elif found[0].batch not in batches:  # else named by its batch too: settled once
+                self._settle(self._isolate(*found))
         for batch in batches:
             self._settle_batch(batch)
         self.stats.rejected += len(refused)
@@ -462,19 +567,21 @@ class InFlight:
             return refused
         refused = Refused()
         # A record named twice (by its batch and by itself, or twice over) is taken once.
+        # Records first: cutting one out of its run must happen before its batch (if named
+        # too) lists the runs it holds.
         targets: dict[Pending, None] = {}
+        for ref in _unique(refs):
+            found = self._find(window, ref)
+            if isinstance(found, Refusal):
+                refused.record(ref, found)
+            else:
+                targets[self._isolate(*found)] = None
         for batch_id in _unique(batch_ids):
             batch = window.batches.get(batch_id)
             if batch is None:
                 refused.batch(batch_id, self._why_no_batch(window, batch_id))
             else:
                 targets.update(batch.records)
-        for ref in _unique(refs):
-            found = self._find(window, ref)
-            if isinstance(found, Refusal):
-                refused.record(ref, found)
-            else:
-                targets[found] = None
         outcome = "dead_letter" if dead_letter else "retry"
         if len(reason) > MAX_REASON:
             reason = reason[: MAX_REASON - 1] + "…"
@@ -489,9 +596,9 @@ class InFlight:
             else:
                 self._retry(pending, now, retry_after_s, reason or "nacked")
         if dead_letter:
-            self.stats.nacked_dead_letter += len(targets)
+            self.stats.nacked_dead_letter += _records(targets)
         else:
-            self.stats.nacked_retry += len(targets)
+            self.stats.nacked_retry += _records(targets)
         self.stats.rejected += len(refused)
         return refused
 
@@ -524,7 +631,7 @@ class InFlight:
             self.stats.stale_confirmations += 1
             return False
         del part.out[pending.offset]
-        self.ledger.settle(pending.tp, pending.offset)
+        self.ledger.settle_run(pending.tp, pending.offsets)
         return True
 
     # -- dispatching ---------------------------------------------------------------------------
@@ -573,20 +680,22 @@ class InFlight:
         batch = Batch(window.next_batch_id, window, now + self.policy.ack_deadline_s, {})
         window.next_batch_id += 1
         parts = self._parts
-        redelivered = size = 0
+        count = redelivered = size = 0
         held = batch.records
         for pending in records:
+            n = pending.hi - pending.lo
             if pending.attempts:
-                redelivered += 1
+                redelivered += n
+            count += n
             pending.attempts += 1
             pending.batch = batch
             held[pending] = None
             parts[pending.tp].out[pending.offset] = pending
             size += pending.size
-        window.out_records += len(records)
+        window.out_records += count
         window.out_bytes += size
         window.batches[batch.id] = batch
-        self.stats.delivered += len(records)
+        self.stats.delivered += count
         self.stats.redelivered += redelivered
         return batch
 
@@ -598,8 +707,9 @@ class InFlight:
         """Records unsettled past the ack deadline are redelivered as if nacked."""
         for window in self.windows.values():
             for batch in [b for b in window.batches.values() if b.deadline <= now]:
-                dispatch.expired.append(Expired(window, batch.id, len(batch.records)))
-                self.stats.deadline_expired += len(batch.records)
+                count = _records(batch.records)
+                dispatch.expired.append(Expired(window, batch.id, count))
+                self.stats.deadline_expired += count
                 for pending in list(batch.records):
                     self._take_back(pending, batch, "deadline")
                     self._retry(pending, now, 0, "ack deadline passed")
@@ -610,7 +720,7 @@ class InFlight:
     @property
     def unsettled(self) -> int:
         """Records out with the app or on their way to the DLQ: what shutdown waits for."""
-        return sum(len(part.out) for part in self._parts.values())
+        return sum(_records(part.out.values()) for part in self._parts.values())
 
     @property
     def in_flight(self) -> tuple[int, int, int]:
@@ -628,15 +738,25 @@ class InFlight:
 
     # -- transitions -------------------------------------------------------------------------
 
-    def _find(self, window: Window, ref: RecordRef) -> Pending | Refusal:
+    def _find(self, window: Window, ref: RecordRef) -> tuple[Pending, int] | Refusal:
+        """The run out with this stream holding the record, and the record's index in it."""
         topic, partition, offset = ref
         tp = (topic, partition)
         part = self._parts.get(tp)
         if part is None:
             return Refusal.REVOKED if tp in self._revoked else Refusal.UNKNOWN
         pending = part.out.get(offset)
+        if pending is None:
+            # Not the first of its run: the runs out are few (a batch's worth each).
+            for candidate in part.out.values():
+                if candidate.offset < offset <= candidate.last:
+                    pending = candidate
+                    break
         if pending is not None and pending.batch is not None and pending.batch.window is window:
-            return pending
+            offsets = pending.fetch.offsets
+            index = bisect_left(offsets, offset, pending.lo, pending.hi)
+            if offsets[index] == offset:
+                return pending, index
         ledger = self.ledger.partition(tp)
         if ledger is not None and ledger.is_settled(offset):
             return Refusal.ALREADY_SETTLED
@@ -650,6 +770,23 @@ class InFlight:
             return Refusal.ALREADY_SETTLED
         return Refusal.UNKNOWN
 
+    def _isolate(self, pending: Pending, index: int) -> Pending:
+        """Cuts the record at `index` out of its run (the pieces stay where the run was:
+        in its batch and its partition's `out`) and returns it as a run of its own."""
+        if pending.lo < index:
+            pending = self._split(pending, index - pending.lo)
+        if pending.hi > index + 1:
+            self._split(pending, 1)
+        return pending
+
+    def _split(self, pending: Pending, count: int) -> Pending:
+        """`Pending.split`, keeping the pieces where the run was; returns the second."""
+        tail = pending.split(count)
+        if tail.batch is not None:
+            tail.batch.records[tail] = None
+        self._parts[tail.tp].out[tail.offset] = tail
+        return tail
+
     def _settle(self, pending: Pending) -> None:
         batch = pending.batch
         assert batch is not None
@@ -657,22 +794,23 @@ class InFlight:
         if not batch.records:
             del batch.window.batches[batch.id]
         del self._parts[pending.tp].out[pending.offset]
-        self.ledger.settle(pending.tp, pending.offset)
-        self.stats.acked += 1
+        self.ledger.settle_run(pending.tp, pending.offsets)
+        self.stats.acked += len(pending)
 
     def _settle_batch(self, batch: Batch) -> None:
         """Every unsettled record of a batch, in one pass: the common ack, kept lean."""
-        window, parts, settle, on_end = batch.window, self._parts, self.ledger.settle, self._on_end
-        size = 0
+        window, parts, on_end = batch.window, self._parts, self._on_end
+        settle = self.ledger.settle_run
+        size = settled = 0
         for pending in batch.records:
             tp = pending.tp
             del parts[tp].out[pending.offset]
             size += pending.size
+            settled += pending.hi - pending.lo
             pending.batch = None
             if on_end is not None:
                 on_end(pending, "ack")
-            settle(tp, pending.offset)
-        settled = len(batch.records)
+            settle(tp, pending.fetch.offsets[pending.lo : pending.hi])
         window.out_records -= settled
         window.out_bytes -= size
         del window.batches[batch.id]
@@ -684,7 +822,7 @@ class InFlight:
         del batch.records[pending]
         pending.batch = None
         window = batch.window
-        window.out_records -= 1
+        window.out_records -= pending.hi - pending.lo
         window.out_bytes -= pending.size
         if self._on_end is not None:
             self._on_end(pending, outcome)
@@ -708,8 +846,13 @@ class InFlight:
         self.backlog.retry(pending, not_before)
 
     def _dead_letter(self, pending: Pending, reason: str) -> None:
-        # It stays in its partition's `out` until the write is confirmed.
-        self._letters.append((pending, reason))
+        """One letter per record; each stays in its partition's `out` until its write is
+        confirmed."""
+        letters = [pending]
+        while len(pending) > 1:
+            pending = self._split(pending, 1)
+            letters.append(pending)
+        self._letters.extend((letter, reason) for letter in letters)
 
     def _backoff(self, pending: Pending) -> float:
         """Exponential, capped, with jitter so a burst of nacks doesn't return as a burst."""
@@ -721,13 +864,8 @@ class InFlight:
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
 
-def _pending(tp: TopicPartition, message: Any, now: float, epoch: int) -> Pending:
-    """A fetched record, sized for the flow-control windows (key, value and headers)."""
-    key, value = message.key, message.value
-    size = (len(key) if key else 0) + (len(value) if value else 0)
-    for hkey, hvalue in message.headers:
-        size += len(hkey) + (len(hvalue) if hvalue else 0)
-    return Pending(tp, message.offset, size, message, since=now, epoch=epoch)
+def _records(runs: Iterable[Pending]) -> int:
+    return sum(pending.hi - pending.lo for pending in runs)
 
 
 def _in_ranges(ranges: list[tuple[int, int]], offset: int) -> bool:

@@ -88,6 +88,40 @@ class PartitionLedger:
         self._next = offset + 1
         self._unsettled += 1
 
+    def track_run(self, offsets: list[int]) -> None:
+        """`track` for the records of one fetch at once (ascending offsets, as fetched): the
+        common case, kept to a few bulk operations instead of a call per record."""
+        if not offsets:
+            return
+        if offsets[0] < self._next:
+            self.track(offsets[0])  # raises the error `track` would
+        self._order.extend(offsets)
+        self._window.update(dict.fromkeys(offsets, False))
+        self._next = offsets[-1] + 1
+        self._unsettled += len(offsets)
+
+    def settle_run(self, offsets: list[int]) -> None:
+        """`settle` for a run of records that are tracked, unsettled and next to each other in
+        tracking order (a slice of one fetch, as the in-flight state machine hands them out):
+        a batch acked whole costs a few bulk operations, not a call per record.
+
+        Raises ValueError, changing nothing, when the run is not that: a caller bug that must
+        not move the commit point over a record it never settled."""
+        window = self._window
+        first, last = offsets[0], offsets[-1]
+        if window.get(first) is not False or window.get(last) is not False:
+            raise ValueError(f"run {first}..{last} is not tracked and unsettled")
+        order = self._order
+        if order[0] == first and order[len(offsets) - 1] == last:
+            popleft = order.popleft
+            for _ in offsets:
+                del window[popleft()]
+        else:
+            window.update(dict.fromkeys(offsets, True))
+        self._unsettled -= len(offsets)
+        while order and window[order[0]]:
+            del window[order.popleft()]
+
     def settle(self, offset: int) -> SettleOutcome:
         """Settle the record at ``offset`` (acked, or dead-lettered with the DLQ write confirmed).
 
@@ -221,6 +255,17 @@ class Ledger:
         """Track a fetched record. Raises KeyError if ``tp`` is not assigned, because fetching
         for a partition this consumer does not own is a bug upstream, not a race to absorb."""
         self._partitions[tp].track(offset)
+
+    def track_run(self, tp: TopicPartition, offsets: list[int]) -> None:
+        """`track` for the records of one fetch at once (see `PartitionLedger.track_run`)."""
+        self._partitions[tp].track_run(offsets)
+
+    def settle_run(self, tp: TopicPartition, offsets: list[int]) -> None:
+        """`settle` for a run of tracked, unsettled records (see
+        `PartitionLedger.settle_run`); nothing for a partition not assigned."""
+        ledger = self._partitions.get(tp)
+        if ledger is not None:
+            ledger.settle_run(offsets)
 
     def settle(self, tp: TopicPartition, offset: int) -> SettleOutcome:
         """Settle a record. UNKNOWN if ``tp`` is not assigned: acks for revoked partitions are

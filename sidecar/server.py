@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import grpc
+import kafka_sidecar_transcoder as transcoder
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kafkasidecar.v1 import consumer_pb2 as pb
-from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
 from sidecar import __version__
 from sidecar.dispatcher import Dispatcher, Stream
 from sidecar.offsets import OffsetsError
@@ -35,7 +35,10 @@ OPEN_TIMEOUT_S = 30.0
 StreamError = tuple[grpc.StatusCode, str]
 
 
-class ConsumerService(pb_grpc.ConsumerServiceServicer):
+class ConsumerService:
+    """ConsumerService (registered by `_add_service`, not the generated helper: Consume
+    responses may be bytes already)."""
+
     def __init__(self, subscriptions: Mapping[str, Subscription], auth_token: str | None) -> None:
         self._subscriptions = subscriptions
         self._auth_token = auth_token
@@ -68,7 +71,7 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
         self,
         request_iterator: AsyncIterator[pb.ConsumeRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ConsumeResponse]:
+    ) -> AsyncIterator[pb.ConsumeResponse | bytes]:
         # Read the first request before any abort: grpc.aio clients (grpc/grpc#36066) report
         # INTERNAL instead of the server's status when their write lands after the RPC ended.
         first = await self._first(request_iterator, context)
@@ -176,6 +179,38 @@ class ConsumerService(pb_grpc.ConsumerServiceServicer):
             raise AssertionError("unreachable: abort raises") from exc
 
 
+def _response_bytes(message: pb.ConsumeResponse | bytes) -> bytes:
+    """Batches come out of the dispatcher as bytes already (see `wire.batch`); the rest are
+    messages."""
+    return message if type(message) is bytes else message.SerializeToString()  # type: ignore[union-attr]
+
+
+def _add_service(service: ConsumerService, server: grpc.aio.Server) -> None:
+    """The generated `add_ConsumerServiceServicer_to_server`, except that Consume responses
+    may be bytes already, which go out as they are."""
+    handlers = {
+        "Consume": grpc.stream_stream_rpc_method_handler(
+            service.Consume,
+            request_deserializer=pb.ConsumeRequest.FromString,
+            response_serializer=_response_bytes,
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            service.GetStatus,
+            request_deserializer=pb.GetStatusRequest.FromString,
+            response_serializer=pb.GetStatusResponse.SerializeToString,
+        ),
+        "ResetOffsets": grpc.unary_unary_rpc_method_handler(
+            service.ResetOffsets,
+            request_deserializer=pb.ResetOffsetsRequest.FromString,
+            response_serializer=pb.ResetOffsetsResponse.SerializeToString,
+        ),
+    }
+    missing = set(pb.DESCRIPTOR.services_by_name["ConsumerService"].methods_by_name) - set(handlers)
+    assert not missing, f"ConsumerService methods without a handler: {sorted(missing)}"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _undecodable(exc: DecodeError, stream: str) -> StreamError:
     """Bytes that are not a ConsumeRequest: the client's problem, not an error of ours."""
     log.warning(
@@ -223,7 +258,7 @@ class Server:
                 ("grpc.http2.max_pings_without_data", 0),
             ]
         )
-        pb_grpc.add_ConsumerServiceServicer_to_server(self.service, self._server)
+        _add_service(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
@@ -275,7 +310,13 @@ class Server:
             path.chmod(self._unix_socket_mode)
         log.info(
             "listening",
-            extra={"addresses": self.bound, "health": self._health_address, "pid": os.getpid()},
+            extra={
+                "addresses": self.bound,
+                "health": self._health_address,
+                "pid": os.getpid(),
+                # "native" (compiled) or "pure": what a record costs depends on it.
+                "transcoder": transcoder.IMPLEMENTATION,
+            },
         )
 
     async def set_health(self, subscription: str, serving: bool) -> None:

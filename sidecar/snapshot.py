@@ -14,11 +14,11 @@ import asyncio
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from sidecar.config import SubscriptionConfig
-from sidecar.consumer import Fetcher, close_consumer
+from sidecar.consumer import Fetcher, close_consumer, transcoding_consumer
 from sidecar.dispatcher import Dispatcher, Stream
 
 log = logging.getLogger("sidecar.snapshot")
@@ -40,7 +40,7 @@ class SnapshotReader:
         self.config = config
         self.dispatcher = dispatcher
         self.stream = stream
-        self.consumer = AIOKafkaConsumer(
+        self.consumer = transcoding_consumer(
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_bytes=config.consumer.fetch_max_bytes,

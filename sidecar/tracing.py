@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar import wire
 from sidecar.config import TracingConfig
 from sidecar.inflight import Pending
 
@@ -59,7 +60,7 @@ class Tracing:
 
     def delivered(self, pending: Pending, group_id: str) -> None:
         """The record goes out to the app: start its span if it carries trace context."""
-        message = pending.message
+        message = wire.message(pending)
         carrier = {
             key: value.decode("latin-1")
             for key, value in message.headers

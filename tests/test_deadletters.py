@@ -32,7 +32,9 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
 )
+from kafka_sidecar_transcoder import Transcoded
 
+from sidecar import wire
 from sidecar.deadletters import CAUSES, DeadLetter, DeadLetterWriter, classify
 from sidecar.inflight import Pending
 from tests.localkafka import LocalKafka
@@ -127,14 +129,20 @@ async def fetch(kafka: LocalKafka, topic: str, count: int) -> list[Any]:
 
 def letter_for(record: Any, attempts: int = 3) -> DeadLetter:
     size = len(record.value or b"") + len(record.key or b"")
-    pending = Pending(
-        tp=(record.topic, record.partition),
-        offset=record.offset,
-        size=size,
-        message=record,
-        attempts=attempts,
+    fetch = Transcoded(b"", [0], [record.offset], [size], record.offset + 1, 1)
+    pending = Pending.of((record.topic, record.partition), fetch, 0, 1, 0.0, 0)
+    pending.attempts = attempts
+    message = wire.Message(
+        record.topic,
+        record.partition,
+        record.offset,
+        record.timestamp,
+        record.timestamp_type,
+        record.key,
+        record.value,
+        tuple(record.headers),
     )
-    return DeadLetter(pending, reason=f"gave up on {record.offset}")
+    return DeadLetter(pending, f"gave up on {record.offset}", message)
 
 
 def where(letter: DeadLetter) -> tuple[str, int, int]:
@@ -219,7 +227,7 @@ async def test_thousands_of_letters_are_pipelined_each_confirmed_once(
     assert set(by_origin) == {where(letter) for letter in letters}
     for letter in letters[:50]:
         record = by_origin[where(letter)]
-        source_record = letter.pending.message
+        source_record = letter.message
         assert record.value == source_record.value
         assert record.key == source_record.key
         headers = list(record.headers)
@@ -243,7 +251,7 @@ async def test_a_record_too_large_for_the_dlq_fails_alone_loudly_and_is_kept(
     values.insert(small // 2, b"B" * BIG)
     await produce(kafka, source, values, max_request_size=4 * 1024 * 1024)
     letters = [letter_for(record) for record in await fetch(kafka, source, small + 1)]
-    (big,) = [letter for letter in letters if len(letter.pending.message.value) == BIG]
+    (big,) = [letter for letter in letters if len(letter.message.value or b"") == BIG]
 
     writer, recorder, task = await start_writer(kafka, dlq, permanent_retry_s=1.0)
     try:
@@ -343,7 +351,7 @@ async def test_a_failing_letter_is_written_once_the_operator_fixes_the_topic(
     assert writer.failing == []
     assert writer.written == 3
     (record,) = [r for r in await fetch(kafka, dlq, 3) if origin(r) == where(big)]
-    assert record.value == big.pending.message.value
+    assert record.value == big.message.value
 
 
 async def test_an_unconfirmed_write_counts_as_transient_until_the_broker_takes_it(

@@ -18,7 +18,7 @@ from tests.harness import Consuming, consuming, stream_error
 from tests.harness import produce as produce
 from tests.harness import wait_committed as wait_committed
 from tests.localkafka import LocalKafka, describe_group
-from tests.sidecarproc import AppStream, ref
+from tests.sidecarproc import AppStream, aws_env, ref
 
 
 async def test_records_reach_the_app_over_iam_and_shuffled_acks_commit_everything(
@@ -61,7 +61,12 @@ async def test_records_reach_the_app_over_iam_and_shuffled_acks_commit_everythin
     assert received == produced
 
 
-async def test_batches_respect_limits_and_records_arrive_intact(kafka: LocalKafka) -> None:
+@pytest.mark.parametrize("transcoder", ["native", "pure"])
+async def test_batches_respect_limits_and_records_arrive_intact(
+    kafka: LocalKafka, transcoder: str
+) -> None:
+    """Both transcoder implementations, end to end (`KAFKA_SIDECAR_TRANSCODER=pure` is the
+    path of platforms without the compiled one)."""
     sent: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = [
         (b"k-plain", b"v" * 300, [("h", b"1")]),
         (None, b"null key", []),
@@ -80,7 +85,9 @@ async def test_batches_respect_limits_and_records_arrive_intact(kafka: LocalKafk
         "limits",
         prepare=produce_sent,
         batch={"max_records": 7, "max_bytes": 2000, "max_wait_ms": 300},
+        sidecar_options={"env": {**aws_env(kafka), "KAFKA_SIDECAR_TRANSCODER": transcoder}},
     ) as c:
+        assert f'"transcoder": "{transcoder}"' in c.sidecar.logs()
         records: list[pb.Record] = []
         while len(records) < len(sent):
             batch = await c.batch()
@@ -284,8 +291,11 @@ async def test_bad_input_gets_the_documented_status_and_others_keep_working(
         healthy.close()
 
 
+@pytest.mark.parametrize("transcoder", ["native", "pure"])
 @pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
-async def test_compressed_topics_are_delivered_intact(kafka: LocalKafka, codec: str) -> None:
+async def test_compressed_topics_are_delivered_intact(
+    kafka: LocalKafka, codec: str, transcoder: str
+) -> None:
     """MSK producers compress: every codec Kafka has must reach the app, not stop the fetch."""
     sent: dict[bytes, bytes] = {}
 
@@ -301,7 +311,13 @@ async def test_compressed_topics_are_delivered_intact(kafka: LocalKafka, codec: 
         finally:
             await producer.stop()
 
-    async with consuming(kafka, f"zip-{codec}", partitions=2, prepare=produce_compressed) as c:
+    async with consuming(
+        kafka,
+        f"zip-{codec}",
+        partitions=2,
+        prepare=produce_compressed,
+        sidecar_options={"env": {**aws_env(kafka), "KAFKA_SIDECAR_TRANSCODER": transcoder}},
+    ) as c:
         records = await c.receive(300)
         assert {r.key: r.value for r in records} == sent
         await c.wait_committed()

@@ -1,7 +1,8 @@
 """The container image (Dockerfile): hadolint, then ONE real podman build, then the CLI inside it.
 
-SLOW (a minute or two; the first run on a machine also installs podman, buildah and
-debootstrap with apt-get and makes a Debian base image, a few minutes more). The build is
+SLOW (three minutes or so, most of it the builder stage installing Debian's Rust and compiling
+transcoder/; the first run on a machine also installs podman, buildah and debootstrap with
+apt-get and makes a Debian base image, a few minutes more). The build is
 scripts/build-image, the recipe of docs/DESIGN.md section 7: a base imported from a cached
 `debootstrap --variant=minbase bookworm` folder with Python 3.11, `podman
 --cgroup-manager=cgroupfs build --isolation=chroot --network host`, pip given the host's CA
@@ -110,14 +111,29 @@ def test_image_runs_as_non_root_without_compilers(container: str) -> None:
     proc = in_image(container, "id", "-u")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == IMAGE_USER
-    # No toolchain in the final stage (the builder stage's pip is gone too).
+    # No toolchain in the final stage (the builder stage's pip and Rust are gone too).
     proc = in_image(
         container,
         "sh",
         "-c",
-        "for tool in gcc cc c++ make pip pip3; do command -v $tool && exit 1; done; exit 0",
+        "for tool in gcc cc c++ make pip pip3 cargo rustc; do command -v $tool && exit 1; done;"
+        " exit 0",
     )
     assert proc.returncode == 0, f"found in the image: {proc.stdout}"
+
+
+def test_image_has_the_compiled_transcoder(container: str) -> None:
+    """Built in the builder stage from transcoder/, and loading without its toolchain."""
+    script = (
+        "import kafka_sidecar_transcoder as t; "
+        "from aiokafka.record.default_records import DefaultRecordBatchBuilder as B; "
+        "b = B(2, 0, 0, -1, -1, -1, 1 << 20); b.append(0, 1, b'k', b'v', []); "
+        "r = t.transcode(bytes(b.build()), 'orders', 0, fetch_offset=0, aborted=None); "
+        "print(t.IMPLEMENTATION, r.offsets, r.next_offset)"
+    )
+    proc = in_image(container, "python", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "native [0] 1"
 
 
 def test_image_runs_check_config(container: str, tmp_path: Path) -> None:

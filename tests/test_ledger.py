@@ -3,6 +3,7 @@ docs/DESIGN.md §4.1), checked case by case and against a deliberately naive ref
 
 from __future__ import annotations
 
+import itertools
 import random
 import tracemalloc
 
@@ -803,3 +804,40 @@ def test_settled_ranges_never_include_an_unsettled_record(data: st.DataObject) -
         decode_settled(ledger.commit_offset(), encode_settled(ledger.commit_offset(), ranges))
         == ranges
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gaps=st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=60),
+    cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=12),
+    order=st.randoms(use_true_random=False),
+)
+def test_runs_agree_with_records_one_by_one(
+    gaps: list[int], cuts: list[int], order: random.Random
+) -> None:
+    """track_run and settle_run (slices of a fetch, settled in any order) leave a ledger
+    exactly where track and settle record by record do."""
+    offsets = list(itertools.accumulate(gaps, initial=5))[1:]
+    bounds = sorted({0, len(offsets), *(c for c in cuts if c < len(offsets))})
+    runs = [offsets[a:b] for a, b in itertools.pairwise(bounds)]
+    order.shuffle(runs)
+    bulk, single = PartitionLedger(5), PartitionLedger(5)
+    bulk.track_run(offsets)
+    for offset in offsets:
+        single.track(offset)
+    for run in runs:
+        bulk.settle_run(run)
+        for offset in run:
+            assert single.settle(offset) is SettleOutcome.SETTLED
+        assert bulk.commit_offset() == single.commit_offset()
+        assert bulk.settled_ranges() == single.settled_ranges()
+        assert (bulk.unsettled, bulk.span, bulk.settled_above) == (
+            single.unsettled,
+            single.span,
+            single.settled_above,
+        )
+        assert all(bulk.is_settled(o) == single.is_settled(o) for o in range(offsets[-1] + 2))
+    with pytest.raises(ValueError, match="not tracked and unsettled"):
+        bulk.settle_run(runs[0])
+    with pytest.raises(ValueError, match="out of order"):
+        bulk.track_run([offsets[-1]])

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from aiokafka.codec import (
@@ -40,8 +40,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kafkasidecar.v1 import consumer_pb2 as pb
-from sidecar import wire
-from sidecar.inflight import _pending
 
 
 def _load() -> tuple[ModuleType, ModuleType, ModuleType | None]:
@@ -172,28 +170,48 @@ def reference(
         consumed.extend(records)
     except Exception as exc:
         error = exc
-    # What wire.batch reads of an inflight Batch and its records (duck-typed, so that the
-    # state machine's constructors can change without this test).
-    batch = _Batch(batch_id, [_Out(message, attempts(i)) for i, message in enumerate(consumed)])
     return Reference(
-        wire.batch(cast(Any, batch)).batch.SerializeToString(deterministic=True),
+        protobuf_batch(batch_id, consumed, attempts).SerializeToString(deterministic=True),
         records.next_fetch_offset,
         [m.offset for m in consumed],
-        [_pending((TOPIC, PARTITION), message, 0.0, 0).size for message in consumed],
+        [flow_control_size(message) for message in consumed],
         error,
     )
 
 
-@dataclass
-class _Out:
-    message: Any
-    attempts: int
+def protobuf_batch(
+    batch_id: int, messages: Sequence[Any], attempts: Callable[[int], int]
+) -> pb.Batch:
+    """The `Batch` the protobuf runtime builds from aiokafka's ConsumerRecords (the sidecar's
+    path before the transcoder): absent key/value/header value mean null."""
+    batch = pb.Batch(batch_id=batch_id)
+    for i, message in enumerate(messages):
+        record = batch.records.add(
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            timestamp_ms=message.timestamp,
+            timestamp_type=message.timestamp_type + 1,
+            delivery_attempt=attempts(i),
+        )
+        if message.key is not None:
+            record.key = message.key
+        if message.value is not None:
+            record.value = message.value
+        for hkey, hvalue in message.headers:
+            header = record.headers.add(key=hkey)
+            if hvalue is not None:
+                header.value = hvalue
+    return batch
 
 
-@dataclass
-class _Batch:
-    id: int
-    records: list[_Out]
+def flow_control_size(message: Any) -> int:
+    """What the flow-control windows count of a record: key, value and headers."""
+    key, value = message.key, message.value
+    size = (len(key) if key else 0) + (len(value) if value else 0)
+    for hkey, hvalue in message.headers:
+        size += len(hkey) + (len(hvalue) if hvalue else 0)
+    return size
 
 
 def transcode(
@@ -212,7 +230,7 @@ def transcode(
 def assert_same(
     impl: ModuleType, result: Any, ref: Reference, batch_id: int, attempts: Callable[[int], int]
 ) -> None:
-    records = [(record, attempts(i)) for i, record in enumerate(result.split())]
+    records = [(result.wire, result.ends, i, i + 1, attempts(i)) for i in range(len(result))]
     assert impl.batch_bytes(batch_id, records) == ref.batch
     assert result.offsets == ref.offsets
     assert result.sizes == ref.sizes
@@ -570,7 +588,7 @@ def test_batch_bytes_makes_the_consume_response(impl: ModuleType) -> None:
     recs = [Rec(0, 1, b"k", None, [("a", None), ("a", b"")]), Rec(1, -1, None, b"", [])]
     data = make_batch(recs, base_offset=3)
     result = transcode(impl, data, fetch_offset=0, aborted=None)
-    parts = list(zip(result.split(), [1, 7], strict=True))
+    parts = [(result.wire, result.ends, 0, 1, 1), (result.wire, result.ends, 1, 2, 7)]
     response = pb.ConsumeResponse.FromString(impl.batch_bytes(5, parts, response=True))
     ref = reference(data, fetch_offset=0, aborted=None, batch_id=5, attempts=lambda i: [1, 7][i])
     assert response.batch.SerializeToString(deterministic=True) == ref.batch
@@ -578,6 +596,13 @@ def test_batch_bytes_makes_the_consume_response(impl: ModuleType) -> None:
         batch=pb.Batch.FromString(ref.batch)
     ).SerializeToString(deterministic=True)
     assert impl.batch_bytes(0, []) == b""
-    for bad in [(5, [(b"", -1)]), (5, [(b"", 1 << 32)]), (-1, []), (1 << 64, [])]:
+    too_big = [(b"", [0], 0, 1, 1 << 32)]
+    for bad in [(5, [(b"", [0], 0, 1, -1)]), (5, too_big), (-1, []), (1 << 64, [])]:
         with pytest.raises(OverflowError):
             impl.batch_bytes(*bad)
+    with pytest.raises(ValueError, match="outside its wire"):
+        impl.batch_bytes(5, [(b"ab", [1, 3], 0, 2, 1)])
+    # A run is its records one by one; a whole fetch in one run is the same batch too.
+    whole = [(result.wire, result.ends, 0, len(result), 4)]
+    singles = [(r, [len(r)], 0, 1, 4) for r in result.split()]
+    assert impl.batch_bytes(9, whole) == impl.batch_bytes(9, singles)

@@ -1,5 +1,6 @@
-//! The PyO3 bindings: `kafka_sidecar_transcoder._native`. Kept thin: the Python package turns
-//! the tuples returned here into its `Transcoded` and its exceptions.
+//! The PyO3 bindings: `kafka_sidecar_transcoder_native`, a top-level module of its own (see
+//! README.md, Packaging). Kept thin: the Python package turns the tuples returned here into its
+//! `Transcoded` and its exceptions.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
@@ -42,25 +43,46 @@ fn transcode<'py>(
         .into_pyobject(py)
 }
 
-/// batch_bytes(batch_id, records, response=False) -> bytes
+/// (wire, ends, lo, hi, delivery_attempt): see `batch_bytes`.
+type Run<'py> = (Bound<'py, PyBytes>, Bound<'py, PyList>, usize, usize, u32);
+
+/// batch_bytes(batch_id, runs, response=False) -> bytes
 ///
-/// A `Batch` (or a `ConsumeResponse` holding it) from (record bytes, delivery_attempt) pairs.
+/// A `Batch` (or a `ConsumeResponse` holding it) from runs of records: (wire, ends, lo, hi,
+/// delivery_attempt), records `lo..hi` of a `transcode` result's `wire` and `ends`. Only the
+/// ends a run needs are read, so a run costs its own records, not its fetch's.
 #[pyfunction]
-#[pyo3(signature = (batch_id, records, *, response = false))]
+#[pyo3(signature = (batch_id, runs, *, response = false))]
 fn batch_bytes<'py>(
     py: Python<'py>,
     batch_id: u64,
-    records: &Bound<'py, PyAny>,
+    runs: &Bound<'py, PyAny>,
     response: bool,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let items: Vec<(Bound<'py, PyBytes>, u32)> =
-        records.try_iter()?.map(|item| item?.extract()).collect::<PyResult<_>>()?;
-    let parts: Vec<(&[u8], u32)> = items.iter().map(|(b, a)| (b.as_bytes(), *a)).collect();
+    let items: Vec<Run<'py>> =
+        runs.try_iter()?.map(|item| item?.extract()).collect::<PyResult<_>>()?;
+    let mut parts: Vec<(&[u8], u32)> = Vec::new();
+    for (wire, ends, lo, hi, attempt) in &items {
+        let wire = wire.as_bytes();
+        let end_at = |i: usize| -> PyResult<usize> { ends.get_item(i)?.extract() };
+        let mut start = if *lo == 0 { 0 } else { end_at(lo - 1)? };
+        for i in *lo..*hi {
+            let end = end_at(i)?;
+            let record = wire.get(start..end).ok_or_else(|| {
+                pyo3::exceptions::PyValueError::new_err(format!(
+                    "record {i} ends at {end}, outside its wire of {} bytes",
+                    wire.len()
+                ))
+            })?;
+            parts.push((record, *attempt));
+            start = end;
+        }
+    }
     Ok(PyBytes::new(py, &proto::batch_message(batch_id, &parts, response)))
 }
 
 #[pymodule]
-#[pyo3(name = "_native")]
+#[pyo3(name = "kafka_sidecar_transcoder_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(transcode, m)?)?;
     m.add_function(wrap_pyfunction!(batch_bytes, m)?)?;

@@ -19,11 +19,12 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 from . import pure
-from ._types import CorruptRecordError, Transcoded, TranscodeError, UnsupportedFormatError
+from ._types import CorruptRecordError, Run, Transcoded, TranscodeError, UnsupportedFormatError
 
 __all__ = [
     "IMPLEMENTATION",
     "CorruptRecordError",
+    "Run",
     "TranscodeError",
     "Transcoded",
     "UnsupportedFormatError",
@@ -88,16 +89,15 @@ def transcode(
     return result
 
 
-def batch_bytes(
-    batch_id: int, records: Iterable[tuple[bytes, int]], *, response: bool = False
-) -> bytes:
-    """The bytes of a `Batch` with `batch_id` and `records`: (the record's bytes from
-    `Transcoded`, its delivery_attempt) pairs. Each record goes in as field 2 with its
-    `delivery_attempt` appended after its other fields (valid protobuf, and the very bytes
-    the protobuf runtime writes for the same message). With `response`, the bytes of the
-    `ConsumeResponse` whose `batch` that is, ready for a stream whose serializer passes bytes
-    through."""
+def batch_bytes(batch_id: int, runs: Iterable[Run], *, response: bool = False) -> bytes:
+    """The bytes of a `Batch` with `batch_id` and the records of `runs`: (wire, ends, lo, hi,
+    delivery_attempt), records `lo` to `hi` of a `Transcoded`'s `wire` and `ends` (a lone
+    record's bytes `b` are the run (b, [len(b)], 0, 1, attempt)). Each record goes in as
+    field 2 with its `delivery_attempt` appended after its other fields (valid protobuf, and
+    the very bytes the protobuf runtime writes for the same message). With `response`, the
+    bytes of the `ConsumeResponse` whose `batch` that is, ready for a stream whose serializer
+    passes bytes through."""
     if _compiled is None:
-        return pure.batch_bytes(batch_id, records, response=response)
-    result: bytes = _compiled.batch_bytes(batch_id, records, response=response)
+        return pure.batch_bytes(batch_id, runs, response=response)
+    result: bytes = _compiled.batch_bytes(batch_id, runs, response=response)
     return result

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka.errors import CorruptRecordException
+
+#: Records `lo` to `hi` (exclusive) of a `Transcoded`, as (wire, ends, lo, hi,
+#: delivery_attempt): what `batch_bytes` takes, so a run of records costs no object per record.
+Run = tuple[bytes, Sequence[int], int, int, int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,18 @@
-"""The compiled implementation (src/, through `_native`), with the package's API.
+"""The compiled implementation (src/, through `kafka_sidecar_transcoder_native`), with the
+package's API.
 
-Importing this module fails with ImportError where the extension is not built.
+The extension is a top-level module of another distribution (kafka-sidecar-transcoder, built
+from transcoder/ by maturin), so that this package, shipped by kafka-sidecar, and it never share
+a file. Importing this module fails with ImportError where that is not installed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from . import _native
-from ._types import CorruptRecordError, Transcoded, UnsupportedFormatError
+import kafka_sidecar_transcoder_native as _native
+
+from ._types import CorruptRecordError, Run, Transcoded, UnsupportedFormatError
 
 
 def transcode(
@@ -33,8 +37,6 @@ def transcode(
     raise (UnsupportedFormatError if kind == "legacy" else CorruptRecordError)(message, result)
 
 
-def batch_bytes(
-    batch_id: int, records: Iterable[tuple[bytes, int]], *, response: bool = False
-) -> bytes:
+def batch_bytes(batch_id: int, runs: Iterable[Run], *, response: bool = False) -> bytes:
     """See the package's `batch_bytes`."""
-    return _native.batch_bytes(batch_id, records, response=response)
+    return _native.batch_bytes(batch_id, runs, response=response)

@@ -21,7 +21,7 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from aiokafka.record.legacy_records import LegacyRecordBatch
 from aiokafka.structs import TopicPartition
 
-from ._types import CorruptRecordError, Transcoded, TranscodeError
+from ._types import CorruptRecordError, Run, Transcoded, TranscodeError
 
 _LOG_OVERHEAD = 12  # BaseOffset Int64, Length Int32
 _MIN_LENGTH = 14  # memory_records: the smallest (v0) message after the log overhead
@@ -241,18 +241,22 @@ def _contains_abort_marker(batch: object) -> bool:
     return bool(ControlRecord.parse(control_record.key) == ABORT_MARKER)
 
 
-def batch_bytes(
-    batch_id: int, records: Iterable[tuple[bytes, int]], *, response: bool = False
-) -> bytes:
+def batch_bytes(batch_id: int, runs: Iterable[Run], *, response: bool = False) -> bytes:
     """See the package's `batch_bytes`."""
     if not 0 <= batch_id <= _U64:
         raise OverflowError(f"batch_id {batch_id} is out of uint64 range")
     parts: list[bytes] = [_BATCH_ID, _varint(batch_id)] if batch_id else []
-    for record, attempt in records:
+    for wire, ends, lo, hi, attempt in runs:
         if not 0 <= attempt < 2**32:
             raise OverflowError(f"delivery_attempt {attempt} is out of uint32 range")
         tail = _DELIVERY_ATTEMPT + _varint(attempt) if attempt else b""
-        parts += (_BATCH_RECORDS, _varint(len(record) + len(tail)), record, tail)
+        start = ends[lo - 1] if lo else 0
+        for end in ends[lo:hi]:
+            if not start <= end <= len(wire):
+                raise ValueError(f"a record ends at {end}, outside its wire of {len(wire)} bytes")
+            record = wire[start:end]
+            parts += (_BATCH_RECORDS, _varint(len(record) + len(tail)), record, tail)
+            start = end
     body = b"".join(parts)
     if response:
         return _RESPONSE_BATCH + _varint(len(body)) + body

@@ -1,3 +1,6 @@
+# The extension module (src/python.rs), typed for mypy here beside the package that imports
+# it: the wheel built from transcoder/ ships the module alone.
+
 from collections.abc import Iterable, Sequence
 
 def transcode(
@@ -9,5 +12,8 @@ def transcode(
     check_crcs: bool,
 ) -> tuple[bytes, list[int], list[int], list[int], int, int, tuple[str, str] | None]: ...
 def batch_bytes(
-    batch_id: int, records: Iterable[tuple[bytes, int]], *, response: bool = False
+    batch_id: int,
+    runs: Iterable[tuple[bytes, Sequence[int], int, int, int]],
+    *,
+    response: bool = False,
 ) -> bytes: ...
