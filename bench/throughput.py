@@ -375,14 +375,18 @@ async def in_process_consumer(kafka: LocalKafka, listener: str, topic: str) -> A
 
 @contextlib.asynccontextmanager
 async def running_sidecar(
-    kafka: LocalKafka, topic: str, listener: str, ordering: str
+    kafka: LocalKafka,
+    topic: str,
+    listener: str,
+    ordering: str,
+    max_wait_ms: int = BATCH["max_wait_ms"],
 ) -> AsyncIterator[tuple[SidecarProcess, dict[str, Any], AppStream]]:
     """A `kafka-sidecar run` process with one subscription ("bench") on `topic`, serving, and
     an app stream opened on it."""
     sub = group_subscription(
         "bench",
         topic,
-        batch=BATCH,
+        batch={**BATCH, "max_wait_ms": max_wait_ms},
         ordering=ordering,
         window=WINDOW,
         commit_interval_ms=COMMIT_INTERVAL_MS,
@@ -491,11 +495,12 @@ async def latency_sidecar(
     compression: str,
     count: int,
     rate: float,
+    max_wait_ms: int,
 ) -> Latencies:
     topic = await topics.create("lat-b")
     latencies = Latencies()
     async with (
-        running_sidecar(kafka, topic, listener, ordering) as (_, _, app),
+        running_sidecar(kafka, topic, listener, ordering, max_wait_ms) as (_, _, app),
         Pacing(kafka, topic, count, rate, compression) as producer,
         asyncio.timeout(120 + count / rate),
     ):
@@ -570,6 +575,10 @@ class Options:
     rss_ack_interval: float
     skip_latency: bool
     skip_rss: bool
+    #: Records/s for the latency run; None: half of (b)'s rate.
+    latency_rate: float | None = None
+    #: The sidecar's batch.max_wait_ms (linger) in the latency run.
+    latency_max_wait_ms: int = BATCH["max_wait_ms"]
 
 
 async def run_config(
@@ -594,14 +603,21 @@ async def run_config(
     row["ratio_b_a"] = round(row["b_records_per_s"] / row["a_records_per_s"], 3)
 
     if not options.skip_latency:
-        rate = row["b_records_per_s"] / 2
+        rate = options.latency_rate or row["b_records_per_s"] / 2
         count = max(1000, int(rate * options.latency_seconds))
         log(f"latency: {count:,} records paced at {rate:,.0f}/s, in-process then sidecar")
         a = await latency_in_process(
             kafka, topics, config.listener, config.compression, count, rate
         )
         b = await latency_sidecar(
-            kafka, topics, config.listener, config.ordering, config.compression, count, rate
+            kafka,
+            topics,
+            config.listener,
+            config.ordering,
+            config.compression,
+            count,
+            rate,
+            options.latency_max_wait_ms,
         )
         (a50, a99), (b50, b99) = a.percentiles_ms(), b.percentiles_ms()
         row.update(
@@ -725,6 +741,9 @@ def table(rows: list[dict[str, Any]], options: Options) -> str:
 def notes(options: Options) -> str:
     cores = os.cpu_count()
     load = os.getloadavg()[0]
+    pace = (
+        f"{options.latency_rate:,.0f} records/s" if options.latency_rate else "half of (b)'s rate"
+    )
     return "\n".join(
         [
             f"- {options.records:,} records x 1 KiB, {PARTITIONS} partitions; sidecar batch "
@@ -735,7 +754,8 @@ def notes(options: Options) -> str:
             "CPU = utime+stime over the timed phase (getrusage for this process, /proc/PID/stat "
             "for the sidecar and broker), divided by the records.",
             f"- Latency: time.time_ns at produce (in the value) -> receipt, paced producer in its "
-            f"own process at half of (b)'s rate for {options.latency_seconds:g}s, first second "
+            f"own process at {pace} for {options.latency_seconds:g}s (sidecar linger "
+            f"max_wait_ms {options.latency_max_wait_ms}), first second "
             "dropped; a = in-process consumer, b = sidecar -> gRPC app; added = b - a.",
             f"- RSS: fresh sidecar, app acking one batch per {options.rss_ack_interval:g}s, "
             f"largest VmRSS sampled over {options.rss_seconds:g}s with {options.rss_backlog:,} vs "
@@ -766,6 +786,20 @@ async def main() -> None:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument(
+        "--latency-rate",
+        type=float,
+        help="records/s for the latency run (default: half of the sidecar's rate); on a "
+        "machine the producer, broker, sidecar and app share, half the peak saturates it, "
+        "so a light-load figure shows the sidecar's own added latency",
+    )
+    parser.add_argument(
+        "--latency-max-wait-ms",
+        type=int,
+        default=BATCH["max_wait_ms"],
+        help="the sidecar's batch.max_wait_ms in the latency run: below max_records a batch "
+        "waits that long for more by design (0: goes out with what is there)",
+    )
+    parser.add_argument(
         "--rss-backlog", type=int, default=30_000, help="smaller backlog; the larger is 10x"
     )
     parser.add_argument("--rss-seconds", type=float, default=8.0)
@@ -781,6 +815,8 @@ async def main() -> None:
         rss_ack_interval=args.rss_ack_interval,
         skip_latency=args.skip_latency,
         skip_rss=args.skip_rss,
+        latency_rate=args.latency_rate,
+        latency_max_wait_ms=args.latency_max_wait_ms,
     )
     if args.matrix:
         configs = [

@@ -84,6 +84,9 @@ class Policy:
     #: Most records a partition may have tracked above its commit point before fetching it
     #: pauses (the settled ones there are what the commit metadata describes).
     max_unsettled_span: int
+    #: Most bytes one fetch brings for a partition (the consumer's
+    #: max_partition_fetch_bytes): the backlog's pause threshold leaves room for one.
+    fetch_bytes: int = 1_048_576
 
     @classmethod
     def of(cls, config: SubscriptionConfig) -> Policy:
@@ -100,6 +103,7 @@ class Policy:
             max_backoff_s=retry.max_backoff_ms / 1000,
             dead_letters=config.dead_letter is not None,
             max_unsettled_span=config.max_unsettled_span,
+            fetch_bytes=config.consumer.max_partition_fetch_bytes,
         )
 
 
@@ -482,10 +486,13 @@ class InFlight:
     def backpressure(self, tp: TopicPartition, paused: bool) -> bool:
         """Whether fetching `tp` should be paused (given whether it is now).
 
-        Paused at two batches' worth waiting and resumed below one (the gap keeps it from
-        flapping: pausing throws away what aiokafka prefetched), and while the partition's
-        span of tracked records above its commit point is at the cap or its commit metadata
-        is full: one stuck record must not let memory grow without bound."""
+        Paused at two fetches' (or batches', when those are larger) worth of bytes waiting
+        and resumed below one. A fetch arrives whole, and aiokafka asks for the next one as
+        soon as it is handed over; pausing throws that one away, so the threshold leaves room
+        for it, and the gap keeps it from flapping. Also paused while the partition's span of
+        tracked records above its commit point is at the cap (which bounds records, whatever
+        their size) or its commit metadata is full: one stuck record must not let memory grow
+        without bound."""
         part = self._parts.get(tp)
         if part is None:
             return False
@@ -494,11 +501,9 @@ class InFlight:
             ledger is not None and ledger.span >= self.policy.max_unsettled_span
         ):
             return True
-        limits = self.policy.batch
-        records, size = self.backlog.buffered(tp)
-        if paused:
-            return records >= limits.max_records or size >= limits.max_bytes
-        return records >= 2 * limits.max_records or size >= 2 * limits.max_bytes
+        low = max(self.policy.batch.max_bytes, self.policy.fetch_bytes)
+        _, size = self.backlog.buffered(tp)
+        return size >= (low if paused else 2 * low)
 
     def metadata_full(self, tp: TopicPartition, full: bool) -> None:
         """Whether the last commit's metadata left settled ranges out (see `backpressure`)."""

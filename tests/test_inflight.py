@@ -271,6 +271,7 @@ class InFlightMachine(RuleBasedStateMachine):
         linger=st.sampled_from([0.0, 0.5]),
         max_attempts=st.integers(1, 3),
         span=st.integers(3, 30),
+        fetch_bytes=st.integers(1, 40),
     )
     def setup(
         self,
@@ -281,6 +282,7 @@ class InFlightMachine(RuleBasedStateMachine):
         linger: float,
         max_attempts: int,
         span: int,
+        fetch_bytes: int,
     ) -> None:
         self.flight = InFlight(
             policy(
@@ -292,6 +294,7 @@ class InFlightMachine(RuleBasedStateMachine):
                 max_backoff_s=4.0,
                 dead_letters=dead_letters,
                 max_unsettled_span=span,
+                fetch_bytes=fetch_bytes,
             ),
             rng=random.Random(0),
         )

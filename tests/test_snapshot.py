@@ -207,7 +207,8 @@ async def test_a_partition_added_while_the_app_stalls_keeps_the_backlog_bounded(
     sub = snapshot_subscription("stall", topic)
     # Small fetches, so that "paused" and "read to the end" are far apart in records: each
     # poll hands over whole fetches, and pausing takes effect from the next one.
-    sub["consumer"] = {"max_partition_fetch_bytes": 32_768}
+    sub["consumer"] = {"max_partition_fetch_bytes": 16_384}
+    sub["batch"] = {"max_records": 200, "max_bytes": 16_384, "max_wait_ms": 50}
     sidecar = await start_sidecar([sub], listener="plaintext", metrics=address)
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         app = AppStream(channel)
@@ -229,6 +230,6 @@ async def test_a_partition_added_while_the_app_stalls_keeps_the_backlog_bounded(
             buffered.append(
                 samples[("kafka_sidecar_buffered_records", (("subscription", "stall"),))]
             )
-        # Paused at two batches' worth (plus a fetch or two of ~290 records), not 20,000.
+        # Paused at two fetches' worth (~290 records) plus a fetch or two, not 20,000.
         assert max(buffered) < 2_000, buffered
         app.close()
