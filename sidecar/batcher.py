@@ -4,7 +4,9 @@ Pure (no I/O, no clock of its own): the dispatcher passes `now` in. Records wait
 the fetch and their delivery, and again between a nack and their redelivery, so this is also
 where ordering is enforced: under `ordering: partition` a partition contributes only when none
 of its records are out with the app, and always from its lowest offset, so a retried record
-goes out again before anything after it.
+goes out again before anything after it. Under `ordering: key` (one record per run) a record
+goes out only when no record of its key and partition is out, on its way to the DLQ or
+waiting out a retry backoff, and never before an earlier one of its key.
 
 What waits here are runs: records of one partition fetched together and handed out together
 (one object per run, not per record, keeps the cost per record down). A run is split only
@@ -34,6 +36,11 @@ class Queued(Protocol):
     #: linger counts from here.
     since: float
 
+    @property
+    def key(self) -> bytes | None:
+        """Its record's key, under `ordering: key` (runs are single records there)."""
+        ...
+
     def __len__(self) -> int:
         """Records in the run (at least one)."""
         ...
@@ -59,6 +66,7 @@ class BatchLimits:
 
 @dataclass(slots=True)
 class _Queue(Generic[R]):
+    tp: TopicPartition
     records: deque[R] = field(default_factory=deque)
     #: Records (not runs) and bytes in `records`.
     count: int = 0
@@ -69,11 +77,12 @@ class Backlog(Generic[R]):
     """Records fetched but not out with the app, per partition, plus retries waiting out
     their backoff."""
 
-    __slots__ = ("_delayed", "_limits", "_ordered", "_queues", "_rotation", "_seq")
+    __slots__ = ("_delayed", "_keyed", "_limits", "_ordered", "_queues", "_rotation", "_seq")
 
-    def __init__(self, limits: BatchLimits, *, ordered: bool) -> None:
+    def __init__(self, limits: BatchLimits, *, ordered: bool, keyed: bool = False) -> None:
         self._limits = limits
         self._ordered = ordered
+        self._keyed = keyed
         self._queues: dict[TopicPartition, _Queue[R]] = {}
         self._delayed: list[tuple[float, int, R]] = []
         self._seq = itertools.count()
@@ -85,7 +94,7 @@ class Backlog(Generic[R]):
         """A freshly fetched record; offsets arrive in order per partition."""
         queue = self._queues.get(pending.tp)
         if queue is None:
-            queue = self._queues[pending.tp] = _Queue[R]()
+            queue = self._queues[pending.tp] = _Queue[R](pending.tp)
         queue.records.append(pending)
         queue.count += len(pending)
         queue.bytes += pending.size
@@ -101,7 +110,7 @@ class Backlog(Generic[R]):
             pending.since = now
             queue = self._queues.get(pending.tp)
             if queue is None:
-                queue = self._queues[pending.tp] = _Queue[R]()
+                queue = self._queues[pending.tp] = _Queue[R](pending.tp)
             records = queue.records
             # Usually it belongs at the front; scan from there for the rare multi-retry case.
             index = 0
@@ -148,6 +157,14 @@ class Backlog(Generic[R]):
             if pending.tp == tp and (lowest is None or pending.offset < lowest):
                 lowest = pending.offset
         return lowest
+
+    def waiting_keys(self) -> dict[TopicPartition, set[bytes | None]]:
+        """Per partition, the keys of records waiting out a retry backoff (`ordering: key`:
+        their later records wait for them)."""
+        waiting: dict[TopicPartition, set[bytes | None]] = {}
+        for _, _, pending in self._delayed:
+            waiting.setdefault(pending.tp, set()).add(pending.key)
+        return waiting
 
     def __len__(self) -> int:
         """Records waiting, retries included."""
@@ -198,6 +215,7 @@ class Backlog(Generic[R]):
         max_bytes: int,
         *,
         oversize: bool = True,
+        held: dict[TopicPartition, set[bytes | None]] | None = None,
     ) -> list[R]:
         """The next batch: at most `max_records` and `max_bytes`, lowest offsets first within
         each partition, partitions in rotation so none starves. With `oversize` (the
@@ -208,6 +226,8 @@ class Backlog(Generic[R]):
             return []
         self._rotation = (self._rotation + 1) % len(queues)
         queues = queues[self._rotation :] + queues[: self._rotation]
+        if self._keyed:
+            return self._take_keyed(queues, max_records, max_bytes, oversize, held or {})
         batch: list[R] = []
         count = size = 0
         for queue in queues:
@@ -234,4 +254,47 @@ class Backlog(Generic[R]):
                 batch.append(head)
             if count >= max_records:
                 break
+        return batch
+
+    def _take_keyed(
+        self,
+        queues: list[_Queue[R]],
+        max_records: int,
+        max_bytes: int,
+        oversize: bool,
+        held: dict[TopicPartition, set[bytes | None]],
+    ) -> list[R]:
+        """`take` under `ordering: key`: the lowest waiting record of each key whose key is not
+        `held` (out with the app or on its way to the DLQ, per partition: updated here with
+        the keys taken) nor waiting out a retry backoff. A record passed over holds back the
+        later ones of its key."""
+        waiting = self.waiting_keys()
+        batch: list[R] = []
+        size = 0
+        for queue in queues:
+            if len(batch) >= max_records:
+                break
+            blocked = held.setdefault(queue.tp, set())
+            passed = set(waiting.get(queue.tp, ()))
+            kept: deque[R] = deque()
+            records = queue.records
+            while records:
+                pending = records.popleft()
+                key = pending.key
+                if len(batch) >= max_records or key in blocked or key in passed:
+                    kept.append(pending)
+                    passed.add(key)
+                    continue
+                if size + pending.size > max_bytes and (batch or not oversize):
+                    # Full: the rest waits, in order.
+                    kept.append(pending)
+                    kept.extend(records)
+                    records.clear()
+                    break
+                batch.append(pending)
+                blocked.add(key)
+                size += pending.size
+                queue.count -= 1
+                queue.bytes -= pending.size
+            queue.records = kept
         return batch

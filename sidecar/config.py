@@ -383,7 +383,10 @@ class SubscriptionConfig(_Section):
     group_id: _Blankable[str] = None
     mode: Literal["group", "snapshot"] = "group"
     batch: BatchConfig = BatchConfig()
-    ordering: Literal["partition", "none"] = "partition"
+    #: partition: one batch of a partition out at a time; key: one record of a key (per
+    #: partition; null keys count as one key) out at a time, in offset order, keys in
+    #: parallel; none: no order.
+    ordering: Literal["partition", "key", "none"] = "partition"
     ack_deadline_ms: int = Field(default=60000, ge=1000)
     commit_interval_ms: int = Field(default=1000, ge=10)
     retry: RetryConfig = RetryConfig()

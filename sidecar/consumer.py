@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +46,13 @@ async def close_consumer(consumer: AIOKafkaConsumer) -> None:
         await consumer._client.close()
 
 
-def transcoding_consumer(**kwargs: Any) -> AIOKafkaConsumer:
+def transcoding_consumer(*, keys: bool = False, **kwargs: Any) -> AIOKafkaConsumer:
     """An AIOKafkaConsumer whose `getmany` returns, per partition, the `Transcoded` records
     of each fetch (and `tap.Corrupt` where a batch cannot be read) instead of a
-    ConsumerRecord per record: see sidecar/tap.py."""
+    ConsumerRecord per record: see sidecar/tap.py. With `keys`, each record's key too."""
     tap.install()
-    return AIOKafkaConsumer(key_deserializer=tap.TRANSCODE, **kwargs)
+    deserializer = tap.TRANSCODE_KEYS if keys else tap.TRANSCODE
+    return AIOKafkaConsumer(key_deserializer=deserializer, **kwargs)
 
 
 @dataclass(slots=True)
@@ -62,6 +63,43 @@ class ConsumerStats:
     commit_failures: int = 0
     commit_seconds: float = 0.0
     rebalances: int = 0
+
+
+class Unreadable:
+    """Partitions stuck at a record batch that cannot be read, for health to tell.
+
+    The tap (sidecar/tap.py) hands over what precedes such a batch and a `tap.Corrupt` for
+    it, and the position stays there: every fetch meets it again, so the partition delivers
+    nothing until the log is repaired or its offset reset past the batch. A partition leaves
+    this set when a fetch of it reads again, or when it is no longer assigned.
+    """
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[str, int], tap.Corrupt] = {}
+
+    def update(
+        self, fetched: Mapping[tuple[str, int], list[Any]], assigned: set[tuple[str, int]]
+    ) -> bool:
+        """Takes in one poll's items; returns whether the set of stuck partitions changed."""
+        before = dict(self._at)
+        for tp, items in fetched.items():
+            for item in items:
+                if isinstance(item, tap.Corrupt):
+                    self._at[tp] = item
+                else:
+                    self._at.pop(tp, None)
+        for tp in [tp for tp in self._at if tp not in assigned]:
+            del self._at[tp]
+        return self._at.keys() != before.keys()
+
+    @property
+    def fault(self) -> str | None:
+        if not self._at:
+            return None
+        stuck = ", ".join(
+            f"{t}[{p}]@{c.offset} ({c.error})" for (t, p), c in sorted(self._at.items())[:5]
+        )
+        return f"record batches cannot be read: {stuck}"
 
 
 class Fetcher:
@@ -84,8 +122,14 @@ class Fetcher:
         self,
         stop: Callable[[], bool] = lambda: False,
         after_poll: Callable[[], Awaitable[None]] | None = None,
+        report: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
+        """`report` is told when partitions get stuck at an unreadable batch (a fault for
+        health) and when none is any more (None)."""
         resumer = asyncio.create_task(self._resume_on_room())
+        unreadable = Unreadable()
+        if report is not None:
+            await report(None)
         try:
             while not stop():
                 try:
@@ -108,6 +152,10 @@ class Fetcher:
                         else:
                             self.dispatcher.add((tp.topic, tp.partition), item)
                 self.apply()
+                assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+                polled = {(tp.topic, tp.partition): items for tp, items in fetched.items()}
+                if unreadable.update(polled, assigned) and report is not None:
+                    await report(unreadable.fault)
                 if corrupt:
                     # The position stays at the bad batch: the next fetch meets it again.
                     await asyncio.sleep(1)
@@ -179,6 +227,7 @@ class GroupConsumer:
     def _new_consumer(self) -> AIOKafkaConsumer:
         consumer = self.config.consumer
         return transcoding_consumer(
+            keys=self.config.ordering == "key",
             group_id=self.config.group_id,
             enable_auto_commit=False,
             auto_offset_reset=consumer.auto_offset_reset,
@@ -219,9 +268,11 @@ class GroupConsumer:
             await close_consumer(self.consumer)
             raise
 
-    async def run(self) -> None:
+    async def run(self, report: Callable[[str | None], Awaitable[None]] | None = None) -> None:
+        """Fetches until stopped; `report` hears of partitions stuck at unreadable batches
+        (see `Fetcher.run`)."""
         await Fetcher(self.consumer, self.dispatcher, self.config).run(
-            lambda: self._stopping or not self._fetching
+            lambda: self._stopping or not self._fetching, report=report
         )
 
     def stop_fetching(self) -> None:

@@ -74,6 +74,7 @@ class Policy:
     """What the subscription's config says about delivery, in the units used here."""
 
     batch: BatchLimits
+    #: `ordering: partition`: one batch of a partition out at a time.
     ordered: bool
     ack_deadline_s: float
     max_attempts: int
@@ -87,6 +88,8 @@ class Policy:
     #: Most bytes one fetch brings for a partition (the consumer's
     #: max_partition_fetch_bytes): the backlog's pause threshold leaves room for one.
     fetch_bytes: int = 1_048_576
+    #: `ordering: key`: one record of a key (per partition) out at a time, lowest first.
+    keyed: bool = False
 
     @classmethod
     def of(cls, config: SubscriptionConfig) -> Policy:
@@ -104,6 +107,7 @@ class Policy:
             dead_letters=config.dead_letter is not None,
             max_unsettled_span=config.max_unsettled_span,
             fetch_bytes=config.consumer.max_partition_fetch_bytes,
+            keyed=config.ordering == "key",
         )
 
 
@@ -144,6 +148,10 @@ class Fetched(Protocol):
     def offsets(self) -> list[int]: ...
     @property
     def sizes(self) -> list[int]: ...
+    @property
+    def keys(self) -> list[bytes | None] | None:
+        """Each record's key, when the fetch was made with them (`ordering: key`)."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
@@ -189,6 +197,12 @@ class Pending:
     @property
     def last(self) -> int:
         return self.fetch.offsets[self.hi - 1]
+
+    @property
+    def key(self) -> bytes | None:
+        """The key of its first record (under `ordering: key`, of its only one)."""
+        keys = self.fetch.keys
+        return None if keys is None else keys[self.lo]
 
     def record(self) -> bytes:
         """The `Record` bytes of its first record (of its only one, where that matters)."""
@@ -343,10 +357,13 @@ class InFlight:
         on_end: Callable[[Pending, str], None] | None = None,
     ) -> None:
         """`on_end` is told when each delivery ends (tracing spans): runs are then single
-        records, since each record's span ends on its own."""
+        records, since each record's span ends on its own; so they are under `ordering: key`,
+        where each record waits for its own key."""
         self.policy = policy
         self.ledger = ledger or Ledger()
-        self.backlog: Backlog[Pending] = Backlog(policy.batch, ordered=policy.ordered)
+        self.backlog: Backlog[Pending] = Backlog(
+            policy.batch, ordered=policy.ordered, keyed=policy.keyed
+        )
         self.stats = stats or Stats()
         self.windows: dict[str, Window] = {}
         self._parts: dict[TopicPartition, _Partition] = {}
@@ -356,7 +373,7 @@ class InFlight:
         self._rng = rng or random.Random()
         #: Called when a record's delivery ends (tracing spans), with the outcome.
         self._on_end = on_end
-        self._per_record = on_end is not None
+        self._per_record = on_end is not None or policy.keyed
         #: Dead letters decided since the shell last took them.
         self._letters: list[Letter] = []
 
@@ -650,6 +667,12 @@ class InFlight:
         backlog.release_due(now)
         wake_at: float | None = None
         blocked = self._blocked()
+        # Under key ordering: the keys out with the app or on their way to the DLQ.
+        held = (
+            {tp: {p.key for p in part.out.values()} for tp, part in self._parts.items()}
+            if self.policy.keyed
+            else None
+        )
         batch_limits = self.policy.batch
         for window in sorted(self.windows.values(), key=lambda w: w.out_records):
             while (room := window.room()) is not None:
@@ -662,7 +685,7 @@ class InFlight:
                     wake_at = ready_at if wake_at is None else min(wake_at, ready_at)
                     break
                 records = backlog.take(
-                    blocked, max_records, max_bytes, oversize=not window.out_records
+                    blocked, max_records, max_bytes, oversize=not window.out_records, held=held
                 )
                 if not records:
                     break
@@ -736,6 +759,22 @@ class InFlight:
             records += window.out_records
             size += window.out_bytes
         return batches, records, size
+
+    def unsettled_by_partition(self) -> dict[TopicPartition, int]:
+        """Per assigned partition, records out with the app or on their way to the DLQ."""
+        return {tp: _records(part.out.values()) for tp, part in self._parts.items()}
+
+    @property
+    def held_keys(self) -> int:
+        """Under `ordering: key`, the keys (per partition) whose later records wait: a record
+        of theirs is out with the app, on its way to the DLQ or waiting out a retry. 0 under
+        the other orderings."""
+        if not self.policy.keyed:
+            return 0
+        held = {(tp, p.key) for tp, part in self._parts.items() for p in part.out.values()}
+        for tp, keys in self.backlog.waiting_keys().items():
+            held.update((tp, key) for key in keys)
+        return len(held)
 
     def epoch(self, tp: TopicPartition) -> int | None:
         part = self._parts.get(tp)

@@ -194,6 +194,17 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
         "Per-stream flow-control window (config caps; an app may ask for less)",
         labels=["subscription", "kind"],
     )
+    held = GaugeMetricFamily(
+        "kafka_sidecar_keys_held",
+        "ordering: key: keys (per partition) whose later records wait for one out with an app, "
+        "on its way to the DLQ or waiting out a retry",
+        labels=labels,
+    )
+    by_partition = GaugeMetricFamily(
+        "kafka_sidecar_partition_in_flight_records",
+        "Records out with apps or on their way to the DLQ, per assigned partition",
+        labels=["subscription", "topic", "partition"],
+    )
     lag = GaugeMetricFamily(
         "kafka_sidecar_consumer_lag",
         "High watermark minus the committable offset, per assigned partition",
@@ -208,6 +219,7 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
         records.add_metric([name], sum(f[1] for f in flights))
         size.add_metric([name], sum(f[2] for f in flights))
         buffered.add_metric([name], sum(len(d.flight.backlog) for d in dispatchers))
+        held.add_metric([name], sum(d.flight.held_keys for d in dispatchers))
         up.add_metric([name], 1 if sub.serving else 0)
         limits = sub.config.window
         window.add_metric([name, "batches"], limits.max_outstanding_batches)
@@ -217,6 +229,8 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
             continue
         dispatcher = sub.dispatcher
         consumer = sub.consumer.consumer
+        for (topic, partition), count in sorted(dispatcher.flight.unsettled_by_partition().items()):
+            by_partition.add_metric([name, topic, str(partition)], count)
         for topic, partition in sorted(dispatcher.assigned):
             highwater = consumer.highwater(TopicPartition(topic, partition))
             ledger = dispatcher.ledger.partition((topic, partition))
@@ -225,7 +239,7 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
             lag.add_metric(
                 [name, topic, str(partition)], max(highwater - ledger.commit_offset(), 0)
             )
-    yield from (streams, batches, records, size, buffered, up, window, lag)
+    yield from (streams, batches, records, size, buffered, held, up, window, lag, by_partition)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

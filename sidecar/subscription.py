@@ -192,7 +192,9 @@ class GroupSubscription(Subscription):
             await self._join(set_health)
             try:
                 async with asyncio.TaskGroup() as work:
-                    fetching = work.create_task(self.consumer.run())
+                    fetching = work.create_task(
+                        self.consumer.run(lambda fault: self._report(set_health, "fetch", fault))
+                    )
                     committing = work.create_task(self.consumer.commit_loop())
                     await self._wait_detached(self.config.detach_timeout_ms / 1000)
                     fetching.cancel()

@@ -36,7 +36,15 @@ import aiokafka
 from aiokafka.consumer import fetcher
 from kafka_sidecar_transcoder import Transcoded, TranscodeError, transcode
 
-__all__ = ["TRANSCODE", "Corrupt", "TapError", "Transcoding", "check_pin", "install"]
+__all__ = [
+    "TRANSCODE",
+    "TRANSCODE_KEYS",
+    "Corrupt",
+    "TapError",
+    "Transcoding",
+    "check_pin",
+    "install",
+]
 
 _TAPPED_CALLS = (
     "MemoryRecords(part_data[-1])",
@@ -53,6 +61,13 @@ def TRANSCODE(key: bytes | None) -> Any:  # a constant to pass, not to call
     """Pass as `key_deserializer` to make a consumer yield `Transcoded` items (and `Corrupt`).
     Called only when the tap is not installed, and then it says so."""
     raise RuntimeError("key_deserializer=TRANSCODE needs sidecar.tap.install() before fetching")
+
+
+def TRANSCODE_KEYS(key: bytes | None) -> Any:  # a constant to pass, not to call
+    """`TRANSCODE`, with each record's key too (`Transcoded.keys`, for `ordering: key`)."""
+    raise RuntimeError(
+        "key_deserializer=TRANSCODE_KEYS needs sidecar.tap.install() before fetching"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +91,10 @@ class Transcoding:
         fetch_offset: int,
         aborted: Sequence[tuple[int, int]] | None,
         check_crcs: bool,
+        keys: bool = False,
     ) -> None:
         self.next_fetch_offset = fetch_offset
+        self._keys = keys
         self._fetch: tuple[tuple[str, int], bytes, Any, bool] | None
         self._fetch = ((tp[0], tp[1]), data, aborted, check_crcs)
         self._items: list[Transcoded | Corrupt] = []
@@ -99,7 +116,13 @@ class Transcoding:
         offset = self.next_fetch_offset
         try:
             result = transcode(
-                data, tp[0], tp[1], fetch_offset=offset, aborted=aborted, check_crcs=check_crcs
+                data,
+                tp[0],
+                tp[1],
+                fetch_offset=offset,
+                aborted=aborted,
+                check_crcs=check_crcs,
+                keys=self._keys,
             )
         except TranscodeError as e:
             self.next_fetch_offset = e.partial.next_offset
@@ -157,7 +180,7 @@ def _partition_records(
     check_crcs: bool,
     isolation_level: int,
 ) -> Any:
-    if key_deserializer is not TRANSCODE:
+    if key_deserializer is not TRANSCODE and key_deserializer is not TRANSCODE_KEYS:
         return _original["PartitionRecords"](
             tp,
             records,
@@ -172,7 +195,12 @@ def _partition_records(
     if isolation_level == fetcher.READ_COMMITTED:
         aborted = [(p, o) for p, o in aborted_transactions or ()]
     return Transcoding(
-        tp, records.raw, fetch_offset=fetch_offset, aborted=aborted, check_crcs=check_crcs
+        tp,
+        records.raw,
+        fetch_offset=fetch_offset,
+        aborted=aborted,
+        check_crcs=check_crcs,
+        keys=key_deserializer is TRANSCODE_KEYS,
     )
 
 

@@ -16,7 +16,11 @@ from sidecar.batcher import TopicPartition
 from sidecar.inflight import Batch, Pending, RecordRef, Refusal, Refused
 
 MODES = {"group": pb.SUBSCRIPTION_MODE_GROUP, "snapshot": pb.SUBSCRIPTION_MODE_SNAPSHOT}
-ORDERINGS = {"partition": pb.ORDERING_PARTITION, "none": pb.ORDERING_NONE}
+ORDERINGS = {
+    "partition": pb.ORDERING_PARTITION,
+    "key": pb.ORDERING_KEY,
+    "none": pb.ORDERING_NONE,
+}
 NACK_ACTIONS = (pb.NACK_ACTION_UNSPECIFIED, pb.NACK_ACTION_RETRY, pb.NACK_ACTION_DEAD_LETTER)
 _REASONS = {
     Refusal.UNKNOWN: pb.REJECT_REASON_UNKNOWN,

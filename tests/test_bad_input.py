@@ -967,11 +967,11 @@ def dead_lettered(records: Sequence[Any], topic: str) -> set[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("ordering", ["partition", "none"])
+@pytest.mark.parametrize("ordering", ["partition", "none", "key"])
 async def test_thousands_of_random_requests_on_short_streams_lose_nothing_and_stick_nothing(
     kafka: LocalKafka, ordering: str
 ) -> None:
-    seed = FUZZ_SEED + (0 if ordering == "partition" else 1)
+    seed = FUZZ_SEED + ["partition", "none", "key"].index(ordering)
     figures = Figures(seed)
     scripts = stream_scripts(seed, FUZZ_STREAMS)
     async with consuming(

@@ -414,7 +414,7 @@ IAM = {"security_protocol": "SASL_SSL", "sasl_mechanism": "AWS_MSK_IAM"}
         pytest.param(
             {},
             {"ordering": "total"},
-            ["subscriptions[0].ordering: Input should be 'partition' or 'none'"],
+            ["subscriptions[0].ordering: Input should be 'partition', 'key' or 'none'"],
             id="ordering",
         ),
         pytest.param(

@@ -31,11 +31,21 @@ class Fetch:
     ends: list[int]
     offsets: list[int]
     sizes: list[int]
+    keys: list[bytes | None] | None = None
+
+
+#: A record's key follows from its offset, so a refetch brings the same keys.
+KEYS: tuple[bytes | None, ...] = (b"a", b"b", None, b"a", b"c", b"a", None)
+
+
+def key_of(offset: int) -> bytes | None:
+    return KEYS[offset % len(KEYS)]
 
 
 def fetched(offsets: list[int], sizes: list[int]) -> Fetch:
     pieces = [str(o).encode() for o in offsets]
-    return Fetch(b"".join(pieces), list(itertools.accumulate(map(len, pieces))), offsets, sizes)
+    ends = list(itertools.accumulate(map(len, pieces)))
+    return Fetch(b"".join(pieces), ends, offsets, sizes, [key_of(o) for o in offsets])
 
 
 def recs(tp: TopicPartition, *offsets: int, size: int = 1) -> Fetch:
@@ -264,7 +274,7 @@ class InFlightMachine(RuleBasedStateMachine):
         self.names = 0
 
     @initialize(
-        ordered=st.booleans(),
+        ordering=st.sampled_from(["none", "partition", "key"]),
         dead_letters=st.booleans(),
         max_records=st.integers(1, 5),
         max_bytes=st.integers(1, 40),
@@ -275,7 +285,7 @@ class InFlightMachine(RuleBasedStateMachine):
     )
     def setup(
         self,
-        ordered: bool,
+        ordering: str,
         dead_letters: bool,
         max_records: int,
         max_bytes: int,
@@ -287,7 +297,8 @@ class InFlightMachine(RuleBasedStateMachine):
         self.flight = InFlight(
             policy(
                 batch=BatchLimits(max_records, max_bytes, linger),
-                ordered=ordered,
+                ordered=ordering == "partition",
+                keyed=ordering == "key",
                 ack_deadline_s=5.0,
                 max_attempts=max_attempts,
                 initial_backoff_s=0.5,
@@ -390,6 +401,8 @@ class InFlightMachine(RuleBasedStateMachine):
             by_window[batch.window.id].received[batch.id] = records(batch.records)
             if flight.policy.ordered:
                 self._check_ordered(batch)
+            if flight.policy.keyed:
+                self._check_keyed(batch)
         self.letters.extend(p for p, _ in flight.take_letters())
         self._backpressure()
 
@@ -403,6 +416,26 @@ class InFlightMachine(RuleBasedStateMachine):
             assert all(p.batch is batch for p in part.out.values()), "two batches of one partition"
             lowest = self.flight.backlog.lowest_offset(tp)
             assert lowest is None or lowest > sent[-1]
+
+    def _check_keyed(self, batch: Batch) -> None:
+        """Under key ordering a record goes out only when no earlier record of its key (and
+        partition) is unsettled: not out, not waiting for a retry, not on its way to the
+        DLQ, not even waiting to go out first."""
+        for run in batch.records:
+            assert len(run) == 1, "a run of several records under key ordering"
+            ledger = self.flight.ledger.partition(run.tp)
+            assert ledger is not None
+            unsettled = {o for o, settled in ledger._window.items() if not settled}
+            earlier = [o for o in unsettled if o < run.offset and key_of(o) == run.key]
+            assert not earlier, f"{run.tp}@{run.offset} went out before {earlier} of its key"
+
+    @invariant()
+    def one_record_of_a_key_out_at_a_time(self) -> None:
+        if not hasattr(self, "flight") or not self.flight.policy.keyed:
+            return
+        for tp, part in self.flight._parts.items():
+            keys = [p.key for p in part.out.values()]
+            assert len(keys) == len(set(keys)), f"{tp}: two records of one key out: {keys}"
 
     def _refs(
         self, data: st.DataObject, stream: AppStream

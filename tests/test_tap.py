@@ -26,6 +26,7 @@ from kafka_sidecar_transcoder import CorruptRecordError, Transcoded
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from sidecar import tap
+from sidecar.consumer import Unreadable
 from tests.conftest import TopicFactory
 from tests.localkafka import LocalKafka
 
@@ -346,3 +347,25 @@ async def test_a_corrupt_batch_is_an_item_not_an_exception() -> None:
     assert [type(item) for item in result.getall()] == [Transcoded, tap.Corrupt]
     assert assignment.state_value(tp).position == 3
     assert not result.has_more()
+
+
+def test_health_names_partitions_stuck_at_an_unreadable_batch_until_they_read_again() -> None:
+    """The fetcher's bookkeeping for health (sidecar/consumer.py `Unreadable`): a `Corrupt`
+    makes a fault naming the partition, offset and cause; a good fetch of it, or losing it,
+    clears it."""
+    a, b = ("t", 0), ("t", 1)
+    bad = tap.Corrupt(a, 42, CorruptRecordError("Invalid CRC", Transcoded(b"", [], [], [], 42, 0)))
+    good = Transcoded(b"", [], [], [], 50, 1)
+    unreadable = Unreadable()
+    assert unreadable.fault is None
+    assert unreadable.update({a: [bad], b: [good]}, {a, b})
+    fault = unreadable.fault or ""
+    assert fault.startswith("record batches cannot be read: t[0]@42 (")
+    assert "Invalid CRC" in fault
+    assert not unreadable.update({a: [bad]}, {a, b})  # still stuck: no news
+    assert not unreadable.update({b: [good]}, {a, b})  # another partition reads: no news
+    assert unreadable.update({a: [good]}, {a, b})  # repaired, or reset past it
+    assert unreadable.fault is None
+    assert unreadable.update({a: [bad]}, {a, b})
+    assert unreadable.update({}, {b})  # revoked: its next owner reports it
+    assert unreadable.fault is None

@@ -140,6 +140,7 @@ class Reference:
     offsets: list[int]
     sizes: list[int]
     error: Exception | None
+    keys: list[bytes | None]
 
 
 def reference(
@@ -176,6 +177,7 @@ def reference(
         [m.offset for m in consumed],
         [flow_control_size(message) for message in consumed],
         error,
+        [m.key for m in consumed],
     )
 
 
@@ -222,8 +224,15 @@ def transcode(
     aborted: Sequence[tuple[int, int]] | None,
     check_crcs: bool = True,
 ) -> Any:
+    """With the keys (`ordering: key`): `test_keys_only_when_asked` covers the default."""
     return impl.transcode(
-        data, TOPIC, PARTITION, fetch_offset=fetch_offset, aborted=aborted, check_crcs=check_crcs
+        data,
+        TOPIC,
+        PARTITION,
+        fetch_offset=fetch_offset,
+        aborted=aborted,
+        check_crcs=check_crcs,
+        keys=True,
     )
 
 
@@ -234,6 +243,7 @@ def assert_same(
     assert impl.batch_bytes(batch_id, records) == ref.batch
     assert result.offsets == ref.offsets
     assert result.sizes == ref.sizes
+    assert result.keys == ref.keys
     assert result.next_offset == ref.next_offset
     assert len(result) == len(ref.offsets)
     assert result.ends[-1:] == ([len(result.wire)] if result.ends else [])
@@ -606,3 +616,19 @@ def test_batch_bytes_makes_the_consume_response(impl: ModuleType) -> None:
     whole = [(result.wire, result.ends, 0, len(result), 4)]
     singles = [(r, [len(r)], 0, 1, 4) for r in result.split()]
     assert impl.batch_bytes(9, whole) == impl.batch_bytes(9, singles)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IDS)
+def test_keys_only_when_asked(impl: ModuleType) -> None:
+    recs = [Rec(0, 1, b"k", b"v", []), Rec(1, 2, None, b"w", []), Rec(2, 3, b"", None, [])]
+    data = make_batch(recs, base_offset=0)
+    plain = impl.transcode(data, TOPIC, PARTITION, fetch_offset=0, aborted=None)
+    keyed = transcode(impl, data, fetch_offset=0, aborted=None)
+    assert plain.keys is None
+    assert keyed.keys == [b"k", None, b""]
+    assert (plain.wire, plain.ends, plain.offsets, plain.sizes) == (
+        keyed.wire,
+        keyed.ends,
+        keyed.offsets,
+        keyed.sizes,
+    )

@@ -10,7 +10,17 @@ def transcode(
     fetch_offset: int,
     aborted: Sequence[tuple[int, int]] | None,
     check_crcs: bool,
-) -> tuple[bytes, list[int], list[int], list[int], int, int, tuple[str, str] | None]: ...
+    keys: bool = False,
+) -> tuple[
+    bytes,
+    list[int],
+    list[int],
+    list[int],
+    int,
+    int,
+    tuple[str, str] | None,
+    list[bytes | None] | None,
+]: ...
 def batch_bytes(
     batch_id: int,
     runs: Iterable[tuple[bytes, Sequence[int], int, int, int]],

@@ -49,6 +49,8 @@ pub struct Transcoded {
     pub next_offset: i64,
     /// Complete batches consumed (delivered or skipped).
     pub batches: usize,
+    /// Each record's key (None: a null key), when `Fetch::keys` asked for them.
+    pub keys: Vec<Option<Vec<u8>>>,
 }
 
 /// Parameters of a fetch, as `PartitionRecords` gets them.
@@ -62,6 +64,8 @@ pub struct Fetch<'a> {
     /// read_committed; None under read_uncommitted.
     pub aborted: Option<&'a [(i64, i64)]>,
     pub check_crcs: bool,
+    /// Also hand over each record's key (for `ordering: key`).
+    pub keys: bool,
 }
 
 /// Transcodes `data` (a fetch response's records for one partition). On an error, returns it
@@ -169,6 +173,9 @@ impl<'f> State<'f> {
             out.ends.push(out.wire.len());
             out.offsets.push(record.offset);
             out.sizes.push(flow_control_size(&record, &headers));
+            if self.fetch.keys {
+                out.keys.push(record.key.map(<[u8]>::to_vec));
+            }
             out.next_offset = record.offset.wrapping_add(1);
         }
         if !reader.rest().is_empty() {

@@ -8,12 +8,15 @@ use pyo3::types::{PyBytes, PyList, PyTuple};
 use crate::kafka::{self, Error, Fetch};
 use crate::proto;
 
-/// transcode(data, topic, partition, fetch_offset, aborted, check_crcs)
-/// -> (wire, ends, offsets, sizes, next_offset, batches, error)
+/// transcode(data, topic, partition, fetch_offset, aborted, check_crcs, keys=False)
+/// -> (wire, ends, offsets, sizes, next_offset, batches, error, keys)
 ///
 /// `error` is None, ("corrupt", message) or ("legacy", message); the other items are what was
-/// delivered before it. The GIL is released while the batches are decoded.
+/// delivered before it. `keys` is each record's key (None for a null key) when asked for,
+/// else None. The GIL is released while the batches are decoded.
 #[pyfunction]
+#[pyo3(signature = (data, topic, partition, fetch_offset, aborted, check_crcs, keys = false))]
+#[allow(clippy::too_many_arguments)]
 fn transcode<'py>(
     py: Python<'py>,
     data: &[u8],
@@ -22,8 +25,10 @@ fn transcode<'py>(
     fetch_offset: i64,
     aborted: Option<Vec<(i64, i64)>>,
     check_crcs: bool,
+    keys: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let fetch = Fetch { topic, partition, fetch_offset, aborted: aborted.as_deref(), check_crcs };
+    let aborted = aborted.as_deref();
+    let fetch = Fetch { topic, partition, fetch_offset, aborted, check_crcs, keys };
     let (out, error) = py.detach(|| kafka::transcode(data, &fetch));
     let error = error.map(|error| match error {
         Error::Corrupt(message) => ("corrupt", message),
@@ -39,6 +44,11 @@ fn transcode<'py>(
         out.next_offset,
         out.batches,
         error,
+        keys.then(|| {
+            let keys = out.keys.iter().map(|key| key.as_deref().map(|k| PyBytes::new(py, k)));
+            PyList::new(py, keys)
+        })
+        .transpose()?,
     )
         .into_pyobject(py)
 }

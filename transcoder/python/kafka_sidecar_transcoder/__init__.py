@@ -52,6 +52,7 @@ def transcode(
     fetch_offset: int,
     aborted: Sequence[tuple[int, int]] | None,
     check_crcs: bool = True,
+    keys: bool = False,
 ) -> Transcoded:
     """The records one fetch response holds for one partition, as `Record` bytes.
 
@@ -62,6 +63,7 @@ def transcode(
         (producer_id, first_offset) pairs (an empty sequence when it has none); None under
         read_uncommitted.
     check_crcs: check each batch's CRC-32C (a mismatch raises), as aiokafka's check_crcs.
+    keys: also hand over each record's key (`Transcoded.keys`), for `ordering: key`.
 
     Raises CorruptRecordError where aiokafka's consumer raises (its `partial` holds the
     records before the problem).
@@ -75,6 +77,7 @@ def transcode(
             fetch_offset=fetch_offset,
             aborted=aborted,
             check_crcs=check_crcs,
+            keys=keys,
         )
     except UnsupportedFormatError:
         # Magic 0 or 1: aiokafka's reader, and so the pure implementation, reads those.
@@ -85,6 +88,7 @@ def transcode(
             fetch_offset=fetch_offset,
             aborted=aborted,
             check_crcs=check_crcs,
+            keys=keys,
         )
     return result
 

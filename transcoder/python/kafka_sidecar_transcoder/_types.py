@@ -37,6 +37,9 @@ class Transcoded:
     #: Complete batches consumed, delivered or skipped. 0 with data left means the first
     #: batch is larger than the fetch (aiokafka raises RecordTooLargeError then).
     batches: int
+    #: Each record's key (None: a null key), when `transcode` was asked for them
+    #: (`keys=True`; the sidecar's `ordering: key`); else None.
+    keys: list[bytes | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ends)

@@ -23,14 +23,15 @@ def transcode(
     fetch_offset: int,
     aborted: Sequence[tuple[int, int]] | None,
     check_crcs: bool = True,
+    keys: bool = False,
 ) -> Transcoded:
     """See the package's `transcode`. Raises UnsupportedFormatError on a legacy message set."""
     if aborted:
         aborted = [(int(producer_id), int(first)) for producer_id, first in aborted]
-    wire, ends, offsets, sizes, next_offset, batches, error = _native.transcode(
-        data, topic, partition, fetch_offset, aborted, check_crcs
+    wire, ends, offsets, sizes, next_offset, batches, error, keyed = _native.transcode(
+        data, topic, partition, fetch_offset, aborted, check_crcs, keys
     )
-    result = Transcoded(wire, ends, offsets, sizes, next_offset, batches)
+    result = Transcoded(wire, ends, offsets, sizes, next_offset, batches, keyed)
     if error is None:
         return result
     kind, message = error

@@ -81,10 +81,11 @@ def transcode(
     fetch_offset: int,
     aborted: Sequence[tuple[int, int]] | None,
     check_crcs: bool = True,
+    keys: bool = False,
 ) -> Transcoded:
     """See the package's `transcode`."""
     prefix = _record_prefix(topic, partition)
-    out = _Out(fetch_offset)
+    out = _Out(fetch_offset, keys)
     try:
         _unpack(data, TopicPartition(topic, partition), prefix, out, aborted, check_crcs)
     except TranscodeError:
@@ -101,19 +102,26 @@ def transcode(
 
 
 class _Out:
-    __slots__ = ("batches", "ends", "next_offset", "offsets", "sizes", "wire")
+    __slots__ = ("batches", "ends", "keys", "next_offset", "offsets", "sizes", "wire")
 
-    def __init__(self, fetch_offset: int) -> None:
+    def __init__(self, fetch_offset: int, keys: bool) -> None:
         self.wire = bytearray()
         self.ends: list[int] = []
         self.offsets: list[int] = []
         self.sizes: list[int] = []
         self.next_offset = fetch_offset
         self.batches = 0
+        self.keys: list[bytes | None] | None = [] if keys else None
 
     def result(self) -> Transcoded:
         return Transcoded(
-            bytes(self.wire), self.ends, self.offsets, self.sizes, self.next_offset, self.batches
+            bytes(self.wire),
+            self.ends,
+            self.offsets,
+            self.sizes,
+            self.next_offset,
+            self.batches,
+            self.keys,
         )
 
 
@@ -225,6 +233,8 @@ def _unpack(
             ends.append(len(wire))
             offsets.append(offset)
             sizes.append(length)
+            if out.keys is not None:
+                out.keys.append(None if key is None else bytes(key))
             out.next_offset = offset + 1
         # fetcher.py:266-273
         out.next_offset = batch.next_offset

@@ -142,7 +142,7 @@ fn txn(base_offset: i64, producer_id: i64, n: i64) -> Vec<u8> {
 }
 
 fn fetch(aborted: Option<&[(i64, i64)]>) -> Fetch<'_> {
-    Fetch { topic: "t", partition: 3, fetch_offset: 0, aborted, check_crcs: true }
+    Fetch { topic: "t", partition: 3, fetch_offset: 0, aborted, check_crcs: true, keys: false }
 }
 
 fn run(data: &[u8], fetch: &Fetch<'_>) -> Transcoded {

@@ -139,6 +139,9 @@ const (
 	Ordering_ORDERING_PARTITION Ordering = 1
 	// Several batches per partition in flight; retries interleave.
 	Ordering_ORDERING_NONE Ordering = 2
+	// Records of one key (per partition) go out one at a time, in offset order; records of
+	// different keys of one partition are out at once, with any stream. Null keys are one key.
+	Ordering_ORDERING_KEY Ordering = 3
 )
 
 // Enum value maps for Ordering.
@@ -147,11 +150,13 @@ var (
 		0: "ORDERING_UNSPECIFIED",
 		1: "ORDERING_PARTITION",
 		2: "ORDERING_NONE",
+		3: "ORDERING_KEY",
 	}
 	Ordering_value = map[string]int32{
 		"ORDERING_UNSPECIFIED": 0,
 		"ORDERING_PARTITION":   1,
 		"ORDERING_NONE":        2,
+		"ORDERING_KEY":         3,
 	}
 )
 
@@ -2346,11 +2351,12 @@ const file_kafkasidecar_v1_consumer_proto_rawDesc = "" +
 	"\x10SubscriptionMode\x12!\n" +
 	"\x1dSUBSCRIPTION_MODE_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17SUBSCRIPTION_MODE_GROUP\x10\x01\x12\x1e\n" +
-	"\x1aSUBSCRIPTION_MODE_SNAPSHOT\x10\x02*O\n" +
+	"\x1aSUBSCRIPTION_MODE_SNAPSHOT\x10\x02*a\n" +
 	"\bOrdering\x12\x18\n" +
 	"\x14ORDERING_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ORDERING_PARTITION\x10\x01\x12\x11\n" +
-	"\rORDERING_NONE\x10\x02*s\n" +
+	"\rORDERING_NONE\x10\x02\x12\x10\n" +
+	"\fORDERING_KEY\x10\x03*s\n" +
 	"\rTimestampType\x12\x1e\n" +
 	"\x1aTIMESTAMP_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aTIMESTAMP_TYPE_CREATE_TIME\x10\x01\x12\"\n" +

@@ -80,6 +80,10 @@ class _OrderingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ordering.Val
     """A partition's next records go out only after its previous ones are settled."""
     ORDERING_NONE: _Ordering.ValueType  # 2
     """Several batches per partition in flight; retries interleave."""
+    ORDERING_KEY: _Ordering.ValueType  # 3
+    """Records of one key (per partition) go out one at a time, in offset order; records of
+    different keys of one partition are out at once, with any stream. Null keys are one key.
+    """
 
 class Ordering(_Ordering, metaclass=_OrderingEnumTypeWrapper): ...
 
@@ -88,6 +92,10 @@ ORDERING_PARTITION: Ordering.ValueType  # 1
 """A partition's next records go out only after its previous ones are settled."""
 ORDERING_NONE: Ordering.ValueType  # 2
 """Several batches per partition in flight; retries interleave."""
+ORDERING_KEY: Ordering.ValueType  # 3
+"""Records of one key (per partition) go out one at a time, in offset order; records of
+different keys of one partition are out at once, with any stream. Null keys are one key.
+"""
 Global___Ordering: _TypeAlias = Ordering  # noqa: Y015
 
 class _TimestampType:
