@@ -41,6 +41,7 @@ class SnapshotReader:
         self.dispatcher = dispatcher
         self.stream = stream
         self.consumer = transcoding_consumer(
+            keys=config.ordering == "key",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_bytes=config.consumer.fetch_max_bytes,

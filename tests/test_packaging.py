@@ -330,7 +330,7 @@ for i in range(3):
 data = bytes(builder.build())
 if sys.argv[1:] == ["native"]:
     import kafka_sidecar_transcoder_native as native
-    wire, ends, offsets, sizes, next_offset, batches, error = native.transcode(
+    wire, ends, offsets, sizes, next_offset, batches, error, keys = native.transcode(
         data, "orders", 0, 1, None, True
     )
     print(json.dumps({"wire": wire.hex(), "ends": ends, "offsets": offsets, "error": error}))
