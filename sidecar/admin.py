@@ -114,6 +114,9 @@ def print_status(response: pb.GetStatusResponse, out: TextIO) -> None:
             for p in sub.partitions
         ]
         _table(rows, out)
+        for p in sub.partitions:
+            if p.stalled:
+                print(f"  STALLED {p.topic}[{p.partition}]: {p.stalled}", file=out)
 
 
 def _table(rows: Sequence[tuple[str, ...]], out: TextIO) -> None:

@@ -45,6 +45,11 @@ class Queued(Protocol):
         """Records in the run (at least one)."""
         ...
 
+    @property
+    def last(self) -> int:
+        """Offset of its last record."""
+        ...
+
     def fit(self, max_records: int, max_bytes: int) -> int:
         """How many of its first records fit in `max_records` and `max_bytes`."""
         ...
@@ -157,6 +162,17 @@ class Backlog(Generic[R]):
             if pending.tp == tp and (lowest is None or pending.offset < lowest):
                 lowest = pending.offset
         return lowest
+
+    def find(self, tp: TopicPartition, offset: int) -> tuple[R, bool] | None:
+        """The run holding `offset` of `tp` here, and whether it waits out a retry backoff."""
+        queue = self._queues.get(tp)
+        for pending in queue.records if queue else ():
+            if pending.offset <= offset <= pending.last:
+                return pending, False
+        for _, _, pending in self._delayed:
+            if pending.tp == tp and pending.offset <= offset <= pending.last:
+                return pending, True
+        return None
 
     def waiting_keys(self) -> dict[TopicPartition, set[bytes | None]]:
         """Per partition, the keys of records waiting out a retry backoff (`ordering: key`:

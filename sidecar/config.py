@@ -399,6 +399,9 @@ class SubscriptionConfig(_Section):
     #: not) before fetching it pauses: one stuck record under `ordering: none` must not let
     #: memory and the commit metadata grow without bound.
     max_unsettled_span: int = Field(default=20_000, ge=1)
+    #: A partition whose commit has not moved for this long while records are unsettled or
+    #: lag > 0 is stalled: a gauge, a warning naming its lowest unsettled record, and status.
+    stall_after_ms: int = Field(default=300_000, ge=1000)
 
     @field_validator("topics")
     @classmethod

@@ -760,6 +760,28 @@ class InFlight:
             size += window.out_bytes
         return batches, records, size
 
+    def whereabouts(self, tp: TopicPartition, offset: int) -> str:
+        """Where the record at `offset` of `tp` is, in words (for a stall's log and status)."""
+        part = self._parts.get(tp)
+        if part is None:
+            return "its partition is not assigned here"
+        for run in part.out.values():
+            if run.offset <= offset <= run.last:
+                batch = run.batch
+                if batch is None:
+                    return "on its way to the dead-letter topic, unconfirmed"
+                return (
+                    f"out with stream {batch.window.id} in batch {batch.id} "
+                    f"(delivery attempt {run.attempts})"
+                )
+        found = self.backlog.find(tp, offset)
+        if found is None:
+            return "not fetched (fetching is paused or failing)"
+        run, delayed = found
+        if delayed:
+            return f"waiting out a retry backoff after {run.attempts} delivery attempts"
+        return "fetched, waiting for a stream with room"
+
     def unsettled_by_partition(self) -> dict[TopicPartition, int]:
         """Per assigned partition, records out with the app or on their way to the DLQ."""
         return {tp: _records(part.out.values()) for tp, part in self._parts.items()}

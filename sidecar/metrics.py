@@ -200,6 +200,12 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
         "on its way to the DLQ or waiting out a retry",
         labels=labels,
     )
+    stalled = GaugeMetricFamily(
+        "kafka_sidecar_partition_stalled",
+        "1 when the partition's commit has not moved for stall_after_ms while records are "
+        "unsettled or lag > 0 (the log names the record holding it)",
+        labels=["subscription", "topic", "partition"],
+    )
     by_partition = GaugeMetricFamily(
         "kafka_sidecar_partition_in_flight_records",
         "Records out with apps or on their way to the DLQ, per assigned partition",
@@ -231,6 +237,8 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
         consumer = sub.consumer.consumer
         for (topic, partition), count in sorted(dispatcher.flight.unsettled_by_partition().items()):
             by_partition.add_metric([name, topic, str(partition)], count)
+            stuck = (topic, partition) in sub.stalls.stalled
+            stalled.add_metric([name, topic, str(partition)], 1 if stuck else 0)
         for topic, partition in sorted(dispatcher.assigned):
             highwater = consumer.highwater(TopicPartition(topic, partition))
             ledger = dispatcher.ledger.partition((topic, partition))
@@ -239,7 +247,19 @@ def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:
             lag.add_metric(
                 [name, topic, str(partition)], max(highwater - ledger.commit_offset(), 0)
             )
-    yield from (streams, batches, records, size, buffered, held, up, window, lag, by_partition)
+    yield from (
+        streams,
+        batches,
+        records,
+        size,
+        buffered,
+        held,
+        up,
+        window,
+        lag,
+        by_partition,
+        stalled,
+    )
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

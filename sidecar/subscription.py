@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from sidecar.inflight import Stats
 from sidecar.ledger import Ledger
 from sidecar.offsets import Change, OffsetsError, committed, selected_partitions, target_offsets
 from sidecar.snapshot import SnapshotReader
+from sidecar.stalls import Stalls
 from sidecar.tracing import Tracing
 from sidecar.wire import MODES
 
@@ -143,6 +145,7 @@ class GroupSubscription(Subscription):
         self.consumer = GroupConsumer(config, self.dispatcher, self.ledger, client_kwargs)
         self.joined = False
         self.faults["group"] = "joining the group"
+        self.stalls = Stalls(config.stall_after_ms / 1000)
 
     def attach(self, request: pb.Open, peer: str) -> tuple[Dispatcher, Stream]:
         return self.dispatcher, self.dispatcher.attach(request, peer)
@@ -196,9 +199,11 @@ class GroupSubscription(Subscription):
                         self.consumer.run(lambda fault: self._report(set_health, "fetch", fault))
                     )
                     committing = work.create_task(self.consumer.commit_loop())
+                    watching = work.create_task(self._watch_stalls())
                     await self._wait_detached(self.config.detach_timeout_ms / 1000)
                     fetching.cancel()
                     committing.cancel()
+                    watching.cancel()
             except BaseExceptionGroup as failed:
                 await self._report(set_health, "group", f"failed: {failed.exceptions[0]!r}")
                 # The first failure, as itself: the daemon logs it and exits 1.
@@ -215,6 +220,51 @@ class GroupSubscription(Subscription):
             while not dispatcher.streams:
                 dispatcher.streams_changed.clear()
                 await dispatcher.streams_changed.wait()
+
+    async def _watch_stalls(self) -> None:
+        """Checks every partition's commit a few times per `stall_after_ms` (see stalls.py)."""
+        interval = min(1.0, self.stalls.after_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            await self._check_stalls(time.monotonic())
+
+    async def _check_stalls(self, now: float) -> None:
+        dispatcher, consumer = self.dispatcher, self.consumer.consumer
+        assigned = dispatcher.assigned
+        self.stalls.keep(assigned)
+        for tp in sorted(assigned):
+            ledger = dispatcher.ledger.partition(tp)
+            highwater = consumer.highwater(TopicPartition(*tp))
+            if ledger is not None:
+                commit = ledger.commit_offset()
+                owed = ledger.unsettled > 0
+            else:  # nothing fetched in this assignment yet
+                commit = await consumer.position(TopicPartition(*tp))
+                owed = False
+            owed = owed or (highwater is not None and highwater > commit)
+            stall = self.stalls.check(tp, commit, owed, now)
+            if stall is not None:
+                log.warning(
+                    "partition stalled: its commit has not moved while records are owed",
+                    extra={
+                        "subscription": self.name,
+                        "topic": tp[0],
+                        "partition": tp[1],
+                        "offset": stall.offset,
+                        "record": dispatcher.flight.whereabouts(tp, stall.offset),
+                        "stalled_s": round(now - stall.since, 1),
+                        "lag": None if highwater is None else max(highwater - commit, 0),
+                    },
+                )
+
+    def stalled(self, tp: tuple[str, int]) -> str:
+        """Status words for a stalled partition ("" when it is not)."""
+        stall = self.stalls.stalled.get(tp)
+        if stall is None:
+            return ""
+        where = self.dispatcher.flight.whereabouts(tp, stall.offset)
+        age = time.monotonic() - stall.since
+        return f"commit at offset {stall.offset} has not moved for {age:.0f}s; the record: {where}"
 
     async def _wait_detached(self, timeout_s: float) -> None:
         """Returns once no stream has been attached for `timeout_s`."""
@@ -298,6 +348,7 @@ class GroupSubscription(Subscription):
                     high_watermark=ends[tp],
                     lag=max(ends[tp] - base, 0),
                     in_flight_records=self.dispatcher.unsettled_in({(tp.topic, tp.partition)}),
+                    stalled=self.stalled((tp.topic, tp.partition)),
                 )
             )
         return status

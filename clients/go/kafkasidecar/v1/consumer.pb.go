@@ -1720,8 +1720,12 @@ type PartitionStatus struct {
 	HighWatermark   int64  `protobuf:"varint,5,opt,name=high_watermark,json=highWatermark,proto3" json:"high_watermark,omitempty"`
 	Lag             int64  `protobuf:"varint,6,opt,name=lag,proto3" json:"lag,omitempty"`
 	InFlightRecords uint32 `protobuf:"varint,7,opt,name=in_flight_records,json=inFlightRecords,proto3" json:"in_flight_records,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Empty unless the partition's commit has not moved for the subscription's stall_after_ms
+	// while records are unsettled or lag > 0: then since when, its lowest unsettled offset and
+	// where that record is (with which stream, in retry backoff, on its way to the DLQ, ...).
+	Stalled       string `protobuf:"bytes,8,opt,name=stalled,proto3" json:"stalled,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PartitionStatus) Reset() {
@@ -1801,6 +1805,13 @@ func (x *PartitionStatus) GetInFlightRecords() uint32 {
 		return x.InFlightRecords
 	}
 	return 0
+}
+
+func (x *PartitionStatus) GetStalled() string {
+	if x != nil {
+		return x.Stalled
+	}
+	return ""
 }
 
 type SubscriptionStatus struct {
@@ -2298,7 +2309,7 @@ const file_kafkasidecar_v1_consumer_proto_rawDesc = "" +
 	"\vdeadline_ms\x18\x01 \x01(\rR\n" +
 	"deadlineMs\"6\n" +
 	"\x10GetStatusRequest\x12\"\n" +
-	"\fsubscription\x18\x01 \x01(\tR\fsubscription\"\xf1\x01\n" +
+	"\fsubscription\x18\x01 \x01(\tR\fsubscription\"\x8b\x02\n" +
 	"\x0fPartitionStatus\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x1c\n" +
 	"\tpartition\x18\x02 \x01(\x05R\tpartition\x12)\n" +
@@ -2306,7 +2317,8 @@ const file_kafkasidecar_v1_consumer_proto_rawDesc = "" +
 	"\bposition\x18\x04 \x01(\x03R\bposition\x12%\n" +
 	"\x0ehigh_watermark\x18\x05 \x01(\x03R\rhighWatermark\x12\x10\n" +
 	"\x03lag\x18\x06 \x01(\x03R\x03lag\x12*\n" +
-	"\x11in_flight_records\x18\a \x01(\rR\x0finFlightRecords\"\xbb\x03\n" +
+	"\x11in_flight_records\x18\a \x01(\rR\x0finFlightRecords\x12\x18\n" +
+	"\astalled\x18\b \x01(\tR\astalled\"\xbb\x03\n" +
 	"\x12SubscriptionStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
 	"\x04mode\x18\x02 \x01(\x0e2!.kafkasidecar.v1.SubscriptionModeR\x04mode\x12\x19\n" +

@@ -764,6 +764,7 @@ class PartitionStatus(_message.Message):
     HIGH_WATERMARK_FIELD_NUMBER: _builtins.int
     LAG_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_RECORDS_FIELD_NUMBER: _builtins.int
+    STALLED_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     partition: _builtins.int
     committed_offset: _builtins.int
@@ -772,6 +773,11 @@ class PartitionStatus(_message.Message):
     high_watermark: _builtins.int
     lag: _builtins.int
     in_flight_records: _builtins.int
+    stalled: _builtins.str
+    """Empty unless the partition's commit has not moved for the subscription's stall_after_ms
+    while records are unsettled or lag > 0: then since when, its lowest unsettled offset and
+    where that record is (with which stream, in retry backoff, on its way to the DLQ, ...).
+    """
     def __init__(
         self,
         *,
@@ -782,10 +788,11 @@ class PartitionStatus(_message.Message):
         high_watermark: _builtins.int = ...,
         lag: _builtins.int = ...,
         in_flight_records: _builtins.int = ...,
+        stalled: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_offset", b"committed_offset", "high_watermark", b"high_watermark", "in_flight_records", b"in_flight_records", "lag", b"lag", "partition", b"partition", "position", b"position", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_offset", b"committed_offset", "high_watermark", b"high_watermark", "in_flight_records", b"in_flight_records", "lag", b"lag", "partition", b"partition", "position", b"position", "stalled", b"stalled", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
