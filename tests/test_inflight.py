@@ -410,7 +410,7 @@ class InFlightMachine(RuleBasedStateMachine):
         """Under partition ordering a partition's records go out lowest first, one batch of
         them at a time, and nothing of it waits in the backlog below what went out."""
         for tp in {p.tp for p in batch.records}:
-            sent = [o for _, p, o in records(batch.records) if p == tp[1]]
+            sent = [o for t, p, o in records(batch.records) if (t, p) == tp]
             assert sent == sorted(sent)
             part = self.flight._parts[tp]
             assert all(p.batch is batch for p in part.out.values()), "two batches of one partition"
