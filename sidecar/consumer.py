@@ -152,10 +152,11 @@ class Fetcher:
                         else:
                             self.dispatcher.add((tp.topic, tp.partition), item)
                 self.apply()
-                assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-                polled = {(tp.topic, tp.partition): items for tp, items in fetched.items()}
-                if unreadable.update(polled, assigned) and report is not None:
-                    await report(unreadable.fault)
+                if corrupt or unreadable.fault is not None:  # else nothing is or was stuck
+                    assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+                    polled = {(tp.topic, tp.partition): items for tp, items in fetched.items()}
+                    if unreadable.update(polled, assigned) and report is not None:
+                        await report(unreadable.fault)
                 if corrupt:
                     # The position stays at the bad batch: the next fetch meets it again.
                     await asyncio.sleep(1)

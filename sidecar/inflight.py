@@ -667,12 +667,7 @@ class InFlight:
         backlog.release_due(now)
         wake_at: float | None = None
         blocked = self._blocked()
-        # Under key ordering: the keys out with the app or on their way to the DLQ.
-        held = (
-            {tp: {p.key for p in part.out.values()} for tp, part in self._parts.items()}
-            if self.policy.keyed
-            else None
-        )
+        held = self._keys_out() if self.policy.keyed else None
         batch_limits = self.policy.batch
         for window in sorted(self.windows.values(), key=lambda w: w.out_records):
             while (room := window.room()) is not None:
@@ -793,10 +788,14 @@ class InFlight:
         the other orderings."""
         if not self.policy.keyed:
             return 0
-        held = {(tp, p.key) for tp, part in self._parts.items() for p in part.out.values()}
+        held = self._keys_out()
         for tp, keys in self.backlog.waiting_keys().items():
-            held.update((tp, key) for key in keys)
-        return len(held)
+            held.setdefault(tp, set()).update(keys)
+        return sum(map(len, held.values()))
+
+    def _keys_out(self) -> dict[TopicPartition, set[bytes | None]]:
+        """Per partition, the keys of records out with the app or on their way to the DLQ."""
+        return {tp: {p.key for p in part.out.values()} for tp, part in self._parts.items()}
 
     def epoch(self, tp: TopicPartition) -> int | None:
         part = self._parts.get(tp)

@@ -68,8 +68,8 @@ def transcode(
     Raises CorruptRecordError where aiokafka's consumer raises (its `partial` holds the
     records before the problem).
     """
-    impl = pure if _compiled is None else _compiled
-    try:
+
+    def run(impl: ModuleType) -> Transcoded:
         result: Transcoded = impl.transcode(
             data,
             topic,
@@ -79,18 +79,13 @@ def transcode(
             check_crcs=check_crcs,
             keys=keys,
         )
+        return result
+
+    try:
+        return run(pure if _compiled is None else _compiled)
     except UnsupportedFormatError:
         # Magic 0 or 1: aiokafka's reader, and so the pure implementation, reads those.
-        result = pure.transcode(
-            data,
-            topic,
-            partition,
-            fetch_offset=fetch_offset,
-            aborted=aborted,
-            check_crcs=check_crcs,
-            keys=keys,
-        )
-    return result
+        return run(pure)
 
 
 def batch_bytes(batch_id: int, runs: Iterable[Run], *, response: bool = False) -> bytes:
