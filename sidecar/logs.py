@@ -38,12 +38,15 @@ class AiokafkaNoise(logging.Filter):
     every session end (about every 15 minutes per connection: aiokafka cannot re-authenticate,
     KIP-368) and aiokafka reconnects by itself, so these become info lines, counted. It also
     logs a missing subscribed topic at error level on every metadata refresh (ten times a
-    second); the sidecar says that once itself, so those are dropped.
+    second); the sidecar says that once itself, so those are dropped. A coordinator lookup that
+    fails with a retriable error (a broker starting, restarting or moving the group) is retried
+    by aiokafka too: a warning, not an error.
     """
 
     _RECONNECT_SIGNS = ("KafkaConnectionError", "coordinator dead", "Connection at ")
     #: Follows a connection the broker closed mid-request (aiokafka retries on its own).
     _RECONNECT_TEMPLATES = frozenset({"Unable to update metadata from %s"})
+    _COORDINATOR_LOOKUP = "Group Coordinator Request failed: %s"
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +57,11 @@ class AiokafkaNoise(logging.Filter):
             return True
         if record.msg == "Topic %s not found in cluster metadata":
             return False
+        if record.msg == self._COORDINATOR_LOOKUP:
+            error = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            if getattr(error, "retriable", False):
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
         message = record.getMessage()
         if record.msg in self._RECONNECT_TEMPLATES or any(
             sign in message for sign in self._RECONNECT_SIGNS

@@ -729,9 +729,16 @@ class Held:
         return [self.batch_of[key(r)] for r in refs if key(r) in self.batch_of]
 
     def neighbour_ids(self, rng: random.Random, n: int) -> list[int]:
+        """Ids next to real ones, never above the highest seen: batch ids count up per stream, so
+        the next one may be on its way to us, and a blind ack of it rightly settles records this
+        stream then never reads if it cancels (which the loss check would count as lost)."""
         if not self.seen_ids:
             return self.made_up_ids(rng, n)
-        return [max(0, rng.choice(self.seen_ids) + rng.choice([-2, -1, 1, 2])) for _ in range(n)]
+        top = max(self.seen_ids)
+        return [
+            min(top, max(0, rng.choice(self.seen_ids) + rng.choice([-2, -1, 1, 2])))
+            for _ in range(n)
+        ]
 
     def neighbour_refs(self, rng: random.Random, n: int) -> list[pb.RecordRef]:
         if not self.seen_refs:
@@ -748,7 +755,8 @@ class Held:
         return out
 
     def made_up_ids(self, rng: random.Random, n: int) -> list[int]:
-        top = max(self.seen_ids, default=0)
+        # Out of reach of a short stream, for the reason neighbour_ids gives.
+        top = max(self.seen_ids, default=0) + 10_000
         return [
             rng.choice([0, 2**64 - 1, rng.getrandbits(64), top + rng.randint(1, 1000)])
             for _ in range(n)
