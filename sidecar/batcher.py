@@ -82,12 +82,31 @@ class Backlog(Generic[R]):
     """Records fetched but not out with the app, per partition, plus retries waiting out
     their backoff."""
 
-    __slots__ = ("_delayed", "_keyed", "_limits", "_ordered", "_queues", "_rotation", "_seq")
+    __slots__ = (
+        "_delayed",
+        "_keyed",
+        "_limits",
+        "_one_partition",
+        "_ordered",
+        "_queues",
+        "_rotation",
+        "_seq",
+    )
 
-    def __init__(self, limits: BatchLimits, *, ordered: bool, keyed: bool = False) -> None:
+    def __init__(
+        self,
+        limits: BatchLimits,
+        *,
+        ordered: bool,
+        keyed: bool = False,
+        one_partition: bool = False,
+    ) -> None:
+        """`one_partition`: every batch holds records of one partition (transactions: an
+        ack of a batch commits with that partition's offsets)."""
         self._limits = limits
         self._ordered = ordered
         self._keyed = keyed
+        self._one_partition = one_partition
         self._queues: dict[TopicPartition, _Queue[R]] = {}
         self._delayed: list[tuple[float, int, R]] = []
         self._seq = itertools.count()
@@ -268,7 +287,7 @@ class Backlog(Generic[R]):
                 count += taken
                 size += head.size
                 batch.append(head)
-            if count >= max_records:
+            if count >= max_records or (batch and self._one_partition):
                 break
         return batch
 
@@ -288,7 +307,7 @@ class Backlog(Generic[R]):
         batch: list[R] = []
         size = 0
         for queue in queues:
-            if len(batch) >= max_records:
+            if len(batch) >= max_records or (batch and self._one_partition):
                 break
             blocked = held.setdefault(queue.tp, set())
             passed = set(waiting.get(queue.tp, ()))

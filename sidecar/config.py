@@ -353,6 +353,22 @@ class DeadLetterConfig(_Section):
     topic: _TopicName
 
 
+class TransactionsConfig(_Section):
+    """Ack outputs written in Kafka transactions with the commit of what they settle."""
+
+    enabled: bool = False
+    #: Each assigned partition gets the transactional id
+    #: `<prefix>.<group_id>.<topic>.<partition>`: the same for whichever member owns the
+    #: partition, so a new owner's producer fences the previous one's (see outputs.py). MSK
+    #: IAM policies grant `kafka-cluster:*TransactionalId` on
+    #: `transactional-id/<cluster>/<prefix>*`.
+    transactional_id_prefix: str = Field(
+        default="kafka-sidecar", min_length=1, pattern=r"^[A-Za-z0-9._-]+$"
+    )
+    #: The broker aborts a transaction left open this long (a crashed or stopped sidecar's).
+    timeout_ms: int = Field(default=60000, ge=1000, le=900_000)
+
+
 class ConsumerConfig(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=45000, gt=0)
@@ -362,6 +378,9 @@ class ConsumerConfig(_Section):
     fetch_max_bytes: int = Field(default=52_428_800, gt=0)
     max_partition_fetch_bytes: int = Field(default=1_048_576, gt=0)
     group_instance_id: _Blankable[str] = None
+    #: read_committed: records of aborted transactions (another sidecar's outputs, say) are
+    #: never delivered, and a partition is read only up to its open transactions.
+    isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
 
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> ConsumerConfig:
@@ -402,6 +421,8 @@ class SubscriptionConfig(_Section):
     #: A partition whose commit has not moved for this long while records are unsettled or
     #: lag > 0 is stalled: a gauge, a warning naming its lowest unsettled record, and status.
     stall_after_ms: int = Field(default=300_000, ge=1000)
+    #: Ack outputs written exactly once, in a transaction with the commit (mode group only).
+    transactions: TransactionsConfig = TransactionsConfig()
 
     @field_validator("topics")
     @classmethod
@@ -429,6 +450,13 @@ class SubscriptionConfig(_Section):
             if self.dead_letter is not None:
                 problems.append(
                     (("dead_letter",), "not used with mode snapshot (it never commits)")
+                )
+            if self.transactions.enabled:
+                problems.append(
+                    (
+                        ("transactions", "enabled"),
+                        "not used with mode snapshot (it never commits)",
+                    )
                 )
         if self.dead_letter is not None and self.dead_letter.topic in self.topics:
             problems.append(

@@ -24,7 +24,8 @@ from aiokafka.structs import OffsetAndMetadata
 from sidecar import tap
 from sidecar.config import SubscriptionConfig
 from sidecar.dispatcher import Dispatcher
-from sidecar.ledger import Ledger, decode_settled, encode_settled
+from sidecar.ledger import Ledger, decode_settled
+from sidecar.outputs import Transactions
 
 log = logging.getLogger("sidecar.consumer")
 
@@ -224,6 +225,8 @@ class GroupConsumer:
         self._stopping = False
         self._fetching = True
         self.consumer = self._new_consumer()
+        #: With `transactions.enabled`: commits go through the partitions' transactions.
+        self.transactions: Transactions | None = None
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         consumer = self.config.consumer
@@ -241,6 +244,7 @@ class GroupConsumer:
             fetch_max_bytes=consumer.fetch_max_bytes,
             max_partition_fetch_bytes=consumer.max_partition_fetch_bytes,
             group_instance_id=consumer.group_instance_id,
+            isolation_level=consumer.isolation_level,
             **self._client_kwargs,
         )
 
@@ -290,6 +294,9 @@ class GroupConsumer:
     async def commit(self, only: set[tuple[str, int]] | None = None) -> None:
         """Commits every partition whose lowest unsettled offset (or the settled records
         above it, which ride along in the metadata so the next owner skips them) moved."""
+        if self.transactions is not None:
+            await self.transactions.commit(only)
+            return
         pending = self.ledger.pending_commits()
         if only is not None:
             pending = {tp: offset for tp, offset in pending.items() if tp in only}
@@ -298,17 +305,15 @@ class GroupConsumer:
         offsets = {}
         # What the metadata describes, as of now: acks during the round trip are news.
         above: dict[tuple[str, int], int] = {}
-        for tp, offset in pending.items():
+        for tp in pending:
             ledger = self.ledger.partition(tp)
-            ranges = ledger.settled_ranges() if ledger else []
-            above[tp] = ledger.settled_above if ledger else 0
-            metadata = encode_settled(offset, ranges)
+            assert ledger is not None  # pending_commits names assigned partitions only
+            point = ledger.commit_point()
             # Ranges that did not fit would be redelivered after a crash: fetching that
             # partition waits until they fit again.
-            self.dispatcher.flight.metadata_full(
-                tp, bool(ranges) and metadata.count(",") + 1 < len(ranges)
-            )
-            offsets[TopicPartition(*tp)] = OffsetAndMetadata(offset, metadata)
+            self.dispatcher.flight.metadata_full(tp, not point.complete)
+            above[tp] = point.settled_above
+            offsets[TopicPartition(*tp)] = OffsetAndMetadata(point.offset, point.metadata)
         started = time.perf_counter()
         try:
             await self.consumer.commit(offsets)
@@ -337,8 +342,53 @@ class GroupConsumer:
         self._stopping = True
         with contextlib.suppress(Exception):
             await self.commit()
+        if self.transactions is not None:
+            await self.transactions.stop()
         await close_consumer(self.consumer)
         self.dispatcher.revoke(self.dispatcher.assigned)
+
+    def rejoin(self) -> None:
+        """Asks for a new group generation (a partition's transactional producer was
+        fenced: a zombie learns it lost its partitions, a live member gets them back)."""
+        self.consumer._coordinator.request_rejoin()
+
+    async def take_up(self, tps: list[tuple[str, int]]) -> None:
+        """Delivery of newly assigned partitions begins, from their committed offsets: what
+        is settled above them (the commit's metadata) is skipped when fetched again.
+
+        With transactions this runs once the partition's producer has fenced the previous
+        owner's, so the commit read here is final, and it seeks there: aiokafka read one at
+        assignment already, which may predate the previous owner's last transaction."""
+        assigned = [TopicPartition(*tp) for tp in tps]
+        if self.transactions is None:
+            # Before any await: records fetched from now on are tracked.
+            self.dispatcher.assign(tps)
+        try:
+            committed = await self.consumer._coordinator.fetch_committed_offsets(assigned)
+        except KafkaError as exc:
+            if self.transactions is not None:
+                raise  # the position could be stale: must not deliver
+            # Only an optimisation is lost: everything from the committed offset is redelivered.
+            log.warning(
+                "could not read commit metadata; settled records above it will be redelivered",
+                extra={"subscription": self.config.name, "error": repr(exc)},
+            )
+            committed = {}
+        if self.transactions is not None:
+            # Records fetched before this (from the older position) were not tracked, and
+            # both the seek and the reset drop what aiokafka holds of them.
+            fetcher = self.consumer._fetcher
+            for tp in assigned:
+                meta = committed.get(tp)
+                if meta is not None and meta.offset >= 0:
+                    self.consumer.seek(tp, meta.offset)
+                else:
+                    reset = fetcher.request_offset_reset([tp], fetcher._default_reset_strategy)
+                    reset.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self.dispatcher.assign(tps)
+        for tp, meta in committed.items():
+            if ranges := decode_settled(meta.offset, meta.metadata or ""):
+                self.dispatcher.skip((tp.topic, tp.partition), ranges)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -364,6 +414,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await owner.commit(only=tps)
         finally:
             owner.dispatcher.revoke(tps)
+            if owner.transactions is not None:
+                await owner.transactions.close(tps)
         log.info(
             "partitions revoked",
             extra={"subscription": owner.config.name, "partitions": sorted(tps)},
@@ -371,21 +423,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         owner = self._owner
-        tps = {(tp.topic, tp.partition) for tp in assigned}
-        owner.dispatcher.assign(tps)
-        try:
-            committed = await owner.consumer._coordinator.fetch_committed_offsets(list(assigned))
-        except KafkaError as exc:
-            # Only an optimisation is lost: everything from the committed offset is redelivered.
-            log.warning(
-                "could not read commit metadata; settled records above it will be redelivered",
-                extra={"subscription": owner.config.name, "error": repr(exc)},
-            )
-            committed = {}
-        for tp, meta in committed.items():
-            if ranges := decode_settled(meta.offset, meta.metadata or ""):
-                owner.dispatcher.skip((tp.topic, tp.partition), ranges)
+        tps = sorted((tp.topic, tp.partition) for tp in assigned)
+        if owner.transactions is not None:
+            await owner.transactions.open(tps, owner.take_up)
+        else:
+            await owner.take_up(tps)
         log.info(
             "partitions assigned",
-            extra={"subscription": owner.config.name, "partitions": sorted(tps)},
+            extra={"subscription": owner.config.name, "partitions": tps},
         )

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kafkasidecar.v1 import consumer_pb2 as pb
@@ -20,7 +20,7 @@ from sidecar import __version__, wire
 from sidecar.batcher import TopicPartition
 from sidecar.config import SubscriptionConfig
 from sidecar.deadletters import DeadLetter
-from sidecar.inflight import Batch, Fetched, InFlight, Policy, Refused, Stats, Window
+from sidecar.inflight import Batch, Fetched, InFlight, Policy, Refused, Staged, Stats, Window
 from sidecar.ledger import Ledger
 from sidecar.tracing import Tracing
 
@@ -76,6 +76,9 @@ class Dispatcher:
         self._stream_ids = stream_ids or itertools.count(1)
         self._wake = asyncio.Event()
         self._closing = False
+        #: Writes an ack's outputs (outputs.py), which report back through `outputs_*`;
+        #: None where acks cannot carry outputs (snapshots).
+        self.outputs: Callable[[Staged], None] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -124,6 +127,7 @@ class Dispatcher:
                     ack_deadline_ms=self.config.ack_deadline_ms,
                     version=__version__,
                     stream_id=stream.id,
+                    transactional=self.config.transactions.enabled,
                 )
             )
         )
@@ -217,8 +221,52 @@ class Dispatcher:
     # -- from the app ----------------------------------------------------------------------
 
     def ack(self, stream: Stream, request: pb.Ack) -> None:
-        refused = self.flight.ack(stream.window, request.batch_ids, wire.refs(request.records))
+        refs = wire.refs(request.records)
+        outputs = request.outputs or None
+        if outputs is None:
+            refused = self.flight.ack(stream.window, request.batch_ids, refs)
+        elif (problem := self._bad_outputs(outputs)) is not None:
+            refused = self.flight.invalid(request.batch_ids, refs)
+            refused.message = problem
+        else:
+            refused = self.flight.ack(stream.window, request.batch_ids, refs, outputs)
+            write = self.outputs
+            assert write is not None  # _bad_outputs said so
+            for staged in self.flight.take_staged():
+                write(staged)
         self._reject(stream, refused)
+        self._wake.set()
+
+    def _bad_outputs(self, outputs: Sequence[pb.OutputRecord]) -> str | None:
+        if self.outputs is None:
+            return f"subscription {self.config.name!r} does not write outputs (mode snapshot)"
+        for index, output in enumerate(outputs):
+            if not output.topic:
+                return f"outputs[{index}] has no topic"
+        return None
+
+    def outputs_written(self, staged: Staged) -> None:
+        """An ack's outputs are written (committed, with transactions): its records are
+        settled now."""
+        self.flight.written(staged)
+        self._wake.set()
+
+    def outputs_failed(self, staged: Staged, reason: str) -> None:
+        """An ack's outputs could not be written: its records go out again, as if nacked."""
+        self.flight.failed(staged, reason, time.monotonic())
+        self._flush_letters()
+        self._wake.set()
+
+    def outputs_released(self, staged: Staged) -> None:
+        """An ack's outputs were not written through no fault of theirs: its records go out
+        again at once."""
+        self.flight.released(staged, time.monotonic())
+        self._wake.set()
+
+    def fenced(self, tp: TopicPartition) -> None:
+        """The partition's transactional producer was fenced: no more deliveries from it
+        until the group hands it out again."""
+        self.flight.begin_revoke([tp])
         self._wake.set()
 
     def nack(self, stream: Stream, request: pb.Nack) -> None:

@@ -4,7 +4,9 @@ A record fetched for an assigned partition is, until it is settled, in exactly o
 
 - waiting for a stream in the backlog (fresh, handed back, or in retry backoff),
 - out with one stream, in one of that stream's batches,
-- on its way to the dead-letter topic.
+- on its way to the dead-letter topic,
+- acked with outputs (an ack's records to produce), settled once those are written
+  (`Staged`: with transactions, once the transaction holding them and the commit commits).
 
 Every transition between those places happens here, in plain synchronous methods that
 return domain outcomes (refused refs, batches to send, dead letters to write); the
@@ -90,6 +92,9 @@ class Policy:
     fetch_bytes: int = 1_048_576
     #: `ordering: key`: one record of a key (per partition) out at a time, lowest first.
     keyed: bool = False
+    #: Ack outputs go into per-partition transactions: a batch holds one partition, and
+    #: so must an ack with outputs.
+    transactional: bool = False
 
     @classmethod
     def of(cls, config: SubscriptionConfig) -> Policy:
@@ -108,6 +113,7 @@ class Policy:
             max_unsettled_span=config.max_unsettled_span,
             fetch_bytes=config.consumer.max_partition_fetch_bytes,
             keyed=config.ordering == "key",
+            transactional=config.transactions.enabled,
         )
 
 
@@ -133,6 +139,10 @@ class Stats:
     skipped: int = 0
     #: Dead-letter confirmations that arrived for an older assignment, and were ignored.
     stale_confirmations: int = 0
+    #: Acks that came with outputs, and of their records those whose outputs failed (sent
+    #: back for redelivery).
+    acks_with_outputs: int = 0
+    outputs_failed: int = 0
 
 
 class Fetched(Protocol):
@@ -178,6 +188,8 @@ class Pending:
     epoch: int = 0
     #: The batch holding it while it is out with a stream.
     batch: Batch | None = None
+    #: The ack holding it while that ack's outputs are written.
+    staged: Staged | None = None
 
     @classmethod
     def of(
@@ -234,6 +246,7 @@ class Pending:
             None,
             self.epoch,
             self.batch,
+            self.staged,
         )
         self.hi = at
         self.size -= tail.size
@@ -344,6 +357,24 @@ class Dispatch:
 Letter = tuple[Pending, str]
 
 
+@dataclass(slots=True, eq=False)
+class Staged:
+    """An ack that came with outputs: its records are settled only once the shell has
+    written `outputs` (opaque here) and reports back with `InFlight.written`, or sends them
+    back with `failed` or `released`."""
+
+    runs: list[Pending]
+    outputs: Any
+
+    @property
+    def tp(self) -> TopicPartition:
+        """Its partition (under transactions, its only one)."""
+        return self.runs[0].tp
+
+    def offsets(self) -> list[int]:
+        return [offset for run in self.runs for offset in run.offsets]
+
+
 class InFlight:
     """The settlement state machine of one subscription (see the module docstring)."""
 
@@ -362,7 +393,10 @@ class InFlight:
         self.policy = policy
         self.ledger = ledger or Ledger()
         self.backlog: Backlog[Pending] = Backlog(
-            policy.batch, ordered=policy.ordered, keyed=policy.keyed
+            policy.batch,
+            ordered=policy.ordered,
+            keyed=policy.keyed,
+            one_partition=policy.transactional,
         )
         self.stats = stats or Stats()
         self.windows: dict[str, Window] = {}
@@ -376,6 +410,8 @@ class InFlight:
         self._per_record = on_end is not None or policy.keyed
         #: Dead letters decided since the shell last took them.
         self._letters: list[Letter] = []
+        #: Acks with outputs since the shell last took them.
+        self._staged: list[Staged] = []
 
     # -- partitions --------------------------------------------------------------------------
 
@@ -550,7 +586,17 @@ class InFlight:
 
     # -- from the app ------------------------------------------------------------------------
 
-    def ack(self, window: Window, batch_ids: Iterable[int], refs: Iterable[RecordRef]) -> Refused:
+    def ack(
+        self,
+        window: Window,
+        batch_ids: Iterable[int],
+        refs: Iterable[RecordRef],
+        outputs: Any = None,
+    ) -> Refused:
+        """Settles the records, or with `outputs` (anything but None) stages them: they are
+        settled once the shell has written the outputs (see `Staged`)."""
+        if outputs is not None:
+            return self._stage(window, batch_ids, refs, outputs)
         refused = Refused()
         batches: dict[Batch, None] = {}
         for batch_id in _unique(batch_ids):
@@ -570,6 +616,61 @@ class InFlight:
         self.stats.rejected += len(refused)
         return refused
 
+    def _stage(
+        self, window: Window, batch_ids: Iterable[int], refs: Iterable[RecordRef], outputs: Any
+    ) -> Refused:
+        batch_ids, refs = _unique(batch_ids), _unique(refs)
+        if self.policy.transactional and len(self._partitions_named(window, batch_ids, refs)) > 1:
+            refused = self.invalid(batch_ids, refs)
+            refused.message = (
+                "with transactions, an ack with outputs names records of one partition only "
+                "(its outputs commit with that partition's offsets)"
+            )
+            return refused
+        refused, targets = self._targets(window, batch_ids, refs)
+        if targets:
+            staged = Staged(list(targets), outputs)
+            for pending in targets:
+                self._unbatch(pending, "ack")
+                pending.staged = staged
+            self._staged.append(staged)
+            self.stats.acks_with_outputs += 1
+        self.stats.rejected += len(refused)
+        return refused
+
+    def _partitions_named(
+        self, window: Window, batch_ids: list[int], refs: list[RecordRef]
+    ) -> set[TopicPartition]:
+        named = {(topic, partition) for topic, partition, _ in refs}
+        for batch_id in batch_ids:
+            batch = window.batches.get(batch_id)
+            if batch is not None:
+                named.update(pending.tp for pending in batch.records)
+        return named
+
+    def _targets(
+        self, window: Window, batch_ids: list[int], refs: list[RecordRef]
+    ) -> tuple[Refused, dict[Pending, None]]:
+        """The runs an ack or nack names, each once (a record named by its batch and by
+        itself, or twice over, is taken once), and the refused parts. Records first: cutting
+        one out of its run must happen before its batch (if named too) lists the runs it
+        holds."""
+        refused = Refused()
+        targets: dict[Pending, None] = {}
+        for ref in refs:
+            found = self._find(window, ref)
+            if isinstance(found, Refusal):
+                refused.record(ref, found)
+            else:
+                targets[self._isolate(*found)] = None
+        for batch_id in batch_ids:
+            batch = window.batches.get(batch_id)
+            if batch is None:
+                refused.batch(batch_id, self._why_no_batch(window, batch_id))
+            else:
+                targets.update(batch.records)
+        return refused, targets
+
     def nack(
         self,
         window: Window,
@@ -587,32 +688,12 @@ class InFlight:
             refused = self.invalid(batch_ids, refs)
             refused.message = "this subscription has no dead_letter topic"
             return refused
-        refused = Refused()
-        # A record named twice (by its batch and by itself, or twice over) is taken once.
-        # Records first: cutting one out of its run must happen before its batch (if named
-        # too) lists the runs it holds.
-        targets: dict[Pending, None] = {}
-        for ref in _unique(refs):
-            found = self._find(window, ref)
-            if isinstance(found, Refusal):
-                refused.record(ref, found)
-            else:
-                targets[self._isolate(*found)] = None
-        for batch_id in _unique(batch_ids):
-            batch = window.batches.get(batch_id)
-            if batch is None:
-                refused.batch(batch_id, self._why_no_batch(window, batch_id))
-            else:
-                targets.update(batch.records)
+        refused, targets = self._targets(window, _unique(batch_ids), _unique(refs))
         outcome = "dead_letter" if dead_letter else "retry"
         if len(reason) > MAX_REASON:
             reason = reason[: MAX_REASON - 1] + "…"
         for pending in targets:
-            batch = pending.batch
-            assert batch is not None
-            self._take_back(pending, batch, outcome)
-            if not batch.records:
-                del window.batches[batch.id]
+            self._unbatch(pending, outcome)
             if dead_letter:
                 self._dead_letter(pending, reason or "nacked")
             else:
@@ -649,12 +730,60 @@ class InFlight:
             or part.epoch != pending.epoch
             or part.out.get(pending.offset) is not pending
             or pending.batch is not None
+            or pending.staged is not None
         ):
             self.stats.stale_confirmations += 1
             return False
         del part.out[pending.offset]
         self.ledger.settle_run(pending.tp, pending.offsets)
         return True
+
+    def take_staged(self) -> list[Staged]:
+        """Acks with outputs since the last call, for the shell to write."""
+        staged, self._staged = self._staged, []
+        return staged
+
+    def _still_staged(self, staged: Staged) -> list[Pending]:
+        """The runs of `staged` that still wait for it: not of an older assignment of their
+        partition (revoked or reset since: their results are void)."""
+        parts = self._parts
+        return [
+            pending
+            for pending in staged.runs
+            if pending.staged is staged
+            and (part := parts.get(pending.tp)) is not None
+            and part.epoch == pending.epoch
+            and part.out.get(pending.offset) is pending
+        ]
+
+    def written(self, staged: Staged) -> int:
+        """The outputs of `staged` are written (with transactions: committed, with the
+        offsets): its records are settled now. Returns how many were (0 for a partition no
+        longer held in that assignment)."""
+        settled = 0
+        for pending in self._still_staged(staged):
+            pending.staged = None
+            del self._parts[pending.tp].out[pending.offset]
+            self.ledger.settle_run(pending.tp, pending.offsets)
+            settled += len(pending)
+        self.stats.acked += settled
+        return settled
+
+    def failed(self, staged: Staged, reason: str, now: float) -> None:
+        """The outputs of `staged` could not be written: its records are delivered again
+        (after a backoff, and to the DLQ once their attempts run out), as if nacked."""
+        for pending in self._still_staged(staged):
+            pending.staged = None
+            self.stats.outputs_failed += len(pending)
+            self._retry(pending, now, 0, reason)
+
+    def released(self, staged: Staged, now: float) -> None:
+        """The outputs of `staged` were not written through no fault of theirs (a transaction
+        aborted for another ack's outputs, the partition's producer fenced): its records are
+        delivered again at once, their attempts not held against them."""
+        for pending in self._still_staged(staged):
+            pending.staged = None
+            self._requeue(pending, now)
 
     # -- dispatching ---------------------------------------------------------------------------
 
@@ -763,6 +892,8 @@ class InFlight:
         for run in part.out.values():
             if run.offset <= offset <= run.last:
                 batch = run.batch
+                if run.staged is not None:
+                    return "acked with outputs, waiting for them to be written"
                 if batch is None:
                     return "on its way to the dead-letter topic, unconfirmed"
                 return (
@@ -853,11 +984,7 @@ class InFlight:
         return tail
 
     def _settle(self, pending: Pending) -> None:
-        batch = pending.batch
-        assert batch is not None
-        self._take_back(pending, batch, "ack")
-        if not batch.records:
-            del batch.window.batches[batch.id]
+        self._unbatch(pending, "ack")
         del self._parts[pending.tp].out[pending.offset]
         self.ledger.settle_run(pending.tp, pending.offsets)
         self.stats.acked += len(pending)
@@ -880,6 +1007,14 @@ class InFlight:
         window.out_bytes -= size
         del window.batches[batch.id]
         self.stats.acked += settled
+
+    def _unbatch(self, pending: Pending, outcome: str) -> None:
+        """`_take_back` from the batch holding it, which ends if that emptied it."""
+        batch = pending.batch
+        assert batch is not None
+        self._take_back(pending, batch, outcome)
+        if not batch.records:
+            del batch.window.batches[batch.id]
 
     def _take_back(self, pending: Pending, batch: Batch, outcome: str) -> None:
         """Removes a record from the batch (and stream window) holding it. The caller says

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import TypeAlias
 
 TopicPartition: TypeAlias = tuple[str, int]
@@ -43,6 +44,19 @@ class SettleOutcome(enum.Enum):
 _SETTLED = SettleOutcome.SETTLED
 _ALREADY_SETTLED = SettleOutcome.ALREADY_SETTLED
 _UNKNOWN = SettleOutcome.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class CommitPoint:
+    """One partition's commit, as `PartitionLedger.commit_point` works it out."""
+
+    offset: int
+    #: The settled ranges above `offset`, encoded (see `encode_settled`).
+    metadata: str
+    #: Settled records above `offset` (`PartitionLedger.settled_above` once it is committed).
+    settled_above: int
+    #: Whether `metadata` holds every settled range (else it was cut at `METADATA_LIMIT`).
+    complete: bool
 
 
 class PartitionLedger:
@@ -173,12 +187,35 @@ class PartitionLedger:
         record still out with the app. A range may span gaps (transaction markers, compacted
         offsets): nothing there to deliver, so skipping them again is harmless.
         """
-        ranges: list[tuple[int, int]] = []
+        return self._window_if(())[1]
+
+    def commit_point(self, also_settled: Collection[int] = ()) -> CommitPoint:
+        """What to commit: the offset, and the metadata naming the settled ranges above it.
+
+        `also_settled` are tracked, unsettled offsets to count as settled: records whose
+        settlement commits with this very commit (ack outputs in the same Kafka transaction),
+        so the commit must already step over them, and the next owner skip them."""
+        offset, ranges, above = self._window_if(also_settled)
+        metadata = encode_settled(offset, ranges)
+        return CommitPoint(
+            offset, metadata, above, not ranges or metadata.count(",") + 1 == len(ranges)
+        )
+
+    def _window_if(self, also: Collection[int]) -> tuple[int, list[tuple[int, int]], int]:
+        """(commit offset, settled ranges above it, records in them), with the offsets in
+        `also` counted as settled."""
         window = self._window
-        start = None
-        end = 0
+        commit: int | None = None
+        ranges: list[tuple[int, int]] = []
+        start: int | None = None
+        end = above = 0
         for offset in self._order:
-            if window[offset]:
+            settled = window[offset] or offset in also
+            if commit is None:
+                if not settled:
+                    commit = offset
+            elif settled:
+                above += 1
                 if start is None:
                     start = offset
                 end = offset + 1
@@ -187,7 +224,7 @@ class PartitionLedger:
                 start = None
         if start is not None:
             ranges.append((start, end))
-        return ranges
+        return (self._next if commit is None else commit), ranges, above
 
     @property
     def settled_above(self) -> int:

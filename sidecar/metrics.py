@@ -124,6 +124,12 @@ _COUNTERS = (
         "Records fetched again but not redelivered: settled before a restart or rebalance",
         "skipped",
     ),
+    ("acks_with_outputs", "Acks that carried outputs", "acks_with_outputs"),
+    (
+        "output_failed_records",
+        "Records whose ack's outputs could not be written (delivered again, as if nacked)",
+        "outputs_failed",
+    ),
 )
 
 
@@ -154,6 +160,21 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
     rebalances = CounterMetricFamily(
         "kafka_sidecar_rebalances", "Partition revocations", labels=["subscription"]
     )
+    produced = CounterMetricFamily(
+        "kafka_sidecar_outputs_produced",
+        "Ack outputs written (with transactions: in committed transactions)",
+        labels=["subscription"],
+    )
+    transactions = CounterMetricFamily(
+        "kafka_sidecar_transactions",
+        "Output transactions (each with its partition's offset commit), by outcome",
+        labels=["subscription", "outcome"],
+    )
+    latency = SummaryMetricFamily(
+        "kafka_sidecar_transaction_seconds",
+        "Latency of committed output transactions, begin to commit",
+        labels=["subscription"],
+    )
     for sub in subs:
         label = sub.name
         nacks.add_metric([label, "retry"], sub.stats.nacked_retry)
@@ -168,7 +189,13 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
         commits.add_metric([label, "ok"], sub.consumer.stats.commits)
         commits.add_metric([label, "failed"], sub.consumer.stats.commit_failures)
         rebalances.add_metric([label], sub.consumer.stats.rebalances)
-    yield from (nacks, dead, dlq_failures, commits, rebalances)
+        out = sub.outputs.stats
+        produced.add_metric([label], out.produced)
+        if sub.config.transactions.enabled:
+            for outcome in ("committed", "aborted", "fenced"):
+                transactions.add_metric([label, outcome], getattr(out, outcome))
+            latency.add_metric([label], out.committed, out.transaction_seconds)
+    yield from (nacks, dead, dlq_failures, commits, rebalances, produced, transactions, latency)
 
 
 def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:

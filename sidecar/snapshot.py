@@ -46,6 +46,7 @@ class SnapshotReader:
             auto_offset_reset="earliest",
             fetch_max_bytes=config.consumer.fetch_max_bytes,
             max_partition_fetch_bytes=config.consumer.max_partition_fetch_bytes,
+            isolation_level=config.consumer.isolation_level,
             **client_kwargs,
         )
         #: End offsets taken at start; a partition leaves this map once caught up.

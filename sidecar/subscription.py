@@ -24,6 +24,7 @@ from sidecar.dispatcher import Dispatcher, Stream
 from sidecar.inflight import Stats
 from sidecar.ledger import Ledger
 from sidecar.offsets import Change, OffsetsError, committed, selected_partitions, target_offsets
+from sidecar.outputs import OutputWriter, Transactions
 from sidecar.snapshot import SnapshotReader
 from sidecar.stalls import Stalls
 from sidecar.tracing import Tracing
@@ -143,6 +144,22 @@ class GroupSubscription(Subscription):
             tracing=tracing,
         )
         self.consumer = GroupConsumer(config, self.dispatcher, self.ledger, client_kwargs)
+        self._set_health: HealthSetter | None = None
+        #: Writes ack outputs: in transactions with the commits, or idempotently.
+        self.outputs: Transactions | OutputWriter
+        if config.transactions.enabled:
+            self.outputs = self.consumer.transactions = Transactions(
+                config,
+                self.ledger,
+                client_kwargs,
+                self.dispatcher,
+                metadata_full=self.dispatcher.flight.metadata_full,
+                on_fenced=self._fenced,
+                report=self._transactions_health,
+            )
+        else:
+            self.outputs = OutputWriter(client_kwargs, self.dispatcher)
+        self.dispatcher.outputs = self.outputs.submit
         self.joined = False
         self.faults["group"] = "joining the group"
         self.stalls = Stalls(config.stall_after_ms / 1000)
@@ -157,7 +174,16 @@ class GroupSubscription(Subscription):
         return [self.dispatcher]
 
     async def run(self, set_health: HealthSetter) -> None:
+        self._set_health = set_health
         await asyncio.gather(self.dispatcher.run(), self._membership(set_health))
+
+    def _fenced(self, tp: tuple[str, int]) -> None:
+        self.dispatcher.fenced(tp)
+        self.consumer.rejoin()
+
+    async def _transactions_health(self, fault: str | None) -> None:
+        if self._set_health is not None:
+            await self._report(self._set_health, "transactions", fault)
 
     async def settle(self, set_health: HealthSetter) -> None:
         if self.dead_letters is None:
@@ -316,6 +342,10 @@ class GroupSubscription(Subscription):
         )
 
     async def stop(self) -> None:
+        if isinstance(self.outputs, OutputWriter):
+            # Writes under way settle their records, which the final commit then covers.
+            with contextlib.suppress(Exception):
+                await self.outputs.stop()
         with contextlib.suppress(Exception):
             await self.consumer.stop()
         if self.dead_letters is not None:

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from sidecar.batcher import BatchLimits, TopicPartition
-from sidecar.inflight import MAX_REASON, Batch, InFlight, Pending, Policy, Refusal, Window
+from sidecar.inflight import (
+    MAX_REASON,
+    Batch,
+    InFlight,
+    Pending,
+    Policy,
+    Refusal,
+    Staged,
+    Window,
+)
 
 T0: TopicPartition = ("t", 0)
 T1: TopicPartition = ("t", 1)
@@ -269,6 +278,8 @@ class InFlightMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.streams: list[AppStream] = []
         self.letters: list[Pending] = []
+        #: Acks with outputs whose writing has not been reported back yet.
+        self.staged: list[Staged] = []
         self.next_offset: dict[TopicPartition, int] = dict.fromkeys(PARTITIONS, 0)
         self.paused: set[TopicPartition] = set()
         self.names = 0
@@ -282,6 +293,7 @@ class InFlightMachine(RuleBasedStateMachine):
         max_attempts=st.integers(1, 3),
         span=st.integers(3, 30),
         fetch_bytes=st.integers(1, 40),
+        transactional=st.booleans(),
     )
     def setup(
         self,
@@ -293,6 +305,7 @@ class InFlightMachine(RuleBasedStateMachine):
         max_attempts: int,
         span: int,
         fetch_bytes: int,
+        transactional: bool,
     ) -> None:
         self.flight = InFlight(
             policy(
@@ -306,6 +319,7 @@ class InFlightMachine(RuleBasedStateMachine):
                 dead_letters=dead_letters,
                 max_unsettled_span=span,
                 fetch_bytes=fetch_bytes,
+                transactional=transactional,
             ),
             rng=random.Random(0),
         )
@@ -403,7 +417,10 @@ class InFlightMachine(RuleBasedStateMachine):
                 self._check_ordered(batch)
             if flight.policy.keyed:
                 self._check_keyed(batch)
+            if flight.policy.transactional:
+                assert len({p.tp for p in batch.records}) == 1, "a batch of two partitions"
         self.letters.extend(p for p, _ in flight.take_letters())
+        self.staged.extend(flight.take_staged())
         self._backpressure()
 
     def _check_ordered(self, batch: Batch) -> None:
@@ -464,6 +481,28 @@ class InFlightMachine(RuleBasedStateMachine):
         self._poll()
 
     @precondition(lambda self: self.streams)
+    @rule(data=st.data())
+    def ack_with_outputs(self, data: st.DataObject) -> None:
+        stream = data.draw(st.sampled_from(self.streams))
+        batch_ids, record_refs = self._refs(data, stream)
+        self.flight.ack(stream.window, batch_ids, record_refs, outputs="outputs")
+        self._poll()
+
+    @precondition(lambda self: self.staged)
+    @rule(data=st.data(), outcome=st.sampled_from(["written", "failed", "released"]))
+    def outputs_reported(self, data: st.DataObject, outcome: str) -> None:
+        """The shell reports on an ack's outputs (late ones too: after a revoke or reset)."""
+        staged = data.draw(st.sampled_from(self.staged))
+        self.staged.remove(staged)
+        if outcome == "written":
+            self.flight.written(staged)
+        elif outcome == "failed":
+            self.flight.failed(staged, "outputs refused", self.now)
+        else:
+            self.flight.released(staged, self.now)
+        self._poll()
+
+    @precondition(lambda self: self.streams)
     @rule(
         data=st.data(),
         dead_letter=st.booleans(),
@@ -506,6 +545,7 @@ class InFlightMachine(RuleBasedStateMachine):
         for _, _, pending in flight.backlog._delayed:
             waiting.setdefault(pending.tp, []).extend(pending.offsets)
         letters = {(p.tp, p.offset) for p in self.letters}
+        staged = {id(s) for s in self.staged}
         for tp, part in flight._parts.items():
             ledger = flight.ledger.partition(tp)
             unsettled = (
@@ -520,7 +560,13 @@ class InFlightMachine(RuleBasedStateMachine):
             for offset, pending in part.out.items():
                 assert pending.offset == offset
                 assert pending.epoch == part.epoch
-                if pending.batch is None:
+                if pending.staged is not None:
+                    assert pending.batch is None
+                    assert id(pending.staged) in staged, f"{tp}@{offset}: staged, never reported"
+                    assert pending in pending.staged.runs
+                    if flight.policy.transactional:
+                        assert {p.tp for p in pending.staged.runs} == {tp}
+                elif pending.batch is None:
                     assert len(pending) == 1, "a dead letter of more than one record"
                     assert (tp, offset) in letters, f"{tp}@{offset}: neither out nor a letter"
                 else:
@@ -567,6 +613,9 @@ class InFlightMachine(RuleBasedStateMachine):
             self.letters = []
             for letter in letters:
                 flight.dead_lettered(letter)
+            for staged in [*flight.take_staged(), *self.staged]:
+                flight.written(staged)
+            self.staged = []
             if not flight.unsettled and not len(flight.backlog):
                 break
         assert flight.unsettled == 0, "records stuck with a stream or the DLQ"
@@ -603,3 +652,93 @@ def test_liveness_after_a_poison_record_with_no_dead_letter_topic(ordered: bool)
         flight.ack(w, [b.id for b in flight.poll(now).batches], [])
         now += 10
     assert flight.ledger.partition(T0).commit_offset() == 3  # type: ignore[union-attr]
+
+
+# -- acks with outputs ---------------------------------------------------------------------------
+
+
+def commit_of(flight: InFlight, tp: TopicPartition = T0) -> int:
+    ledger = flight.ledger.partition(tp)
+    assert ledger is not None
+    return ledger.commit_offset()
+
+
+def test_an_ack_with_outputs_settles_its_records_only_once_they_are_written() -> None:
+    flight = started(T0, 0, 1, 2, ordered=True)
+    flight.attach(w := window())
+    (batch,) = flight.poll(0.0).batches
+    assert not flight.ack(w, [batch.id], [], outputs=["o"])
+    (staged,) = flight.take_staged()
+    assert staged.outputs == ["o"]
+    assert staged.offsets() == [0, 1, 2]
+    assert w.out_records == 0, "staged records leave the stream's window"
+    assert flight.unsettled == 3
+    assert commit_of(flight) == 0
+    assert flight.whereabouts(T0, 1) == "acked with outputs, waiting for them to be written"
+    flight.add(T0, recs(T0, 3), 0.0)
+    assert not flight.poll(0.0).batches, "partition ordering: the staged records come first"
+    assert flight.written(staged) == 3
+    assert commit_of(flight) == 3
+    assert [records(b.records) for b in flight.poll(0.0).batches] == [[("t", 0, 3)]]
+    assert flight.written(staged) == 0, "a second report changes nothing"
+
+
+def test_released_outputs_never_dead_letter_and_failed_ones_do_once_attempts_run_out() -> None:
+    flight = started(T0, 0, max_attempts=2)
+    flight.attach(w := window())
+
+    def deliver_and_stage(now: float) -> Staged:
+        (batch,) = flight.poll(now).batches
+        flight.ack(w, [batch.id], [], outputs=["o"])
+        (staged,) = flight.take_staged()
+        return staged
+
+    for now in (0.0, 1.0, 2.0):  # a transaction aborted for another ack's outputs
+        flight.released(deliver_and_stage(now), now)
+        assert not flight.take_letters()
+    staged = deliver_and_stage(3.0)
+    assert staged.runs[0].attempts == 4
+    flight.failed(staged, "outputs refused", 3.0)
+    ((letter, reason),) = flight.take_letters()
+    assert letter.offset == 0
+    assert reason.startswith("outputs refused")
+    assert flight.dead_lettered(letter)
+    assert commit_of(flight) == 1
+
+
+def test_outputs_after_a_revoke_settle_nothing() -> None:
+    flight = started(T0, 0, 1)
+    flight.attach(w := window())
+    (batch,) = flight.poll(0.0).batches
+    flight.ack(w, [batch.id], [], outputs=["o"])
+    (staged,) = flight.take_staged()
+    flight.begin_revoke([T0])
+    assert flight.unsettled_in([T0]) == 2, "the revoke grace waits for staged records"
+    flight.revoke([T0])
+    flight.assign([T0])
+    flight.add(T0, recs(T0, 0, 1), 0.0)
+    assert flight.written(staged) == 0
+    flight.failed(staged, "late", 0.0)
+    flight.released(staged, 0.0)
+    assert commit_of(flight) == 0
+    assert len(flight.backlog) == 2, "the new assignment's records are untouched"
+
+
+def test_transactions_keep_batches_and_acks_with_outputs_to_one_partition() -> None:
+    flight = InFlight(policy(transactional=True), rng=random.Random(0))
+    flight.assign([T0, T1])
+    flight.add(T0, recs(T0, 0, 1), 0.0)
+    flight.add(T1, recs(T1, 0, 1), 0.0)
+    flight.attach(w := window())
+    batches = flight.poll(0.0).batches
+    assert {p.tp for b in batches for p in b.records} == {T0, T1}
+    assert all(len({p.tp for p in b.records}) == 1 for b in batches)
+    refused = flight.ack(w, [b.id for b in batches], [], outputs=["o"])
+    assert refused.batches == {Refusal.INVALID: [b.id for b in batches]}
+    assert refused.message is not None
+    assert "one partition" in refused.message
+    assert not flight.take_staged()
+    assert flight.unsettled == 4
+    tp = next(iter(batches[0].records)).tp
+    assert not flight.ack(w, [batches[0].id], [], outputs=["o"])
+    assert flight.take_staged()[0].tp == tp

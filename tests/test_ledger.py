@@ -841,3 +841,23 @@ def test_runs_agree_with_records_one_by_one(
         bulk.settle_run(runs[0])
     with pytest.raises(ValueError, match="out of order"):
         bulk.track_run([offsets[-1]])
+
+
+def test_commit_point_counts_the_records_of_the_same_commit_as_settled() -> None:
+    """Ack outputs committed in one transaction with the offsets: the commit steps over the
+    records they settle, and the metadata names the ones above a record still out."""
+    ledger = PartitionLedger(10)
+    ledger.track_run([10, 11, 12, 13, 14, 15])
+    ledger.settle(13)
+    plain = ledger.commit_point()
+    assert (plain.offset, decode_settled(10, plain.metadata)) == (10, [(13, 14)])
+    point = ledger.commit_point({10, 11, 15})
+    assert point.offset == 12
+    assert decode_settled(12, point.metadata) == [(13, 14), (15, 16)]
+    assert point.settled_above == 2
+    assert point.complete
+    ledger.settle(10)
+    ledger.settle(11)
+    ledger.settle(15)
+    assert ledger.commit_offset() == 12
+    assert ledger.settled_above == point.settled_above

@@ -8,6 +8,12 @@
 // The API's .proto is loaded at run time (@grpc/proto-loader), so there is no generated code.
 // Nothing here knows about Kafka, AWS or offsets: the sidecar owns all of that and commits
 // what was acked. Records not acked when the stream ends are redelivered: nothing is lost.
+//
+// With OUTPUT_TOPIC set it is a consume-transform-produce app: each batch's ack carries one
+// output per record (`ack.outputs`: the record's key and value, plus a header
+// x-source-offset) for the sidecar to write to that topic. The sidecar settles the records
+// only once their outputs are written: at least once, or exactly once (one Kafka transaction
+// with the commit of the consumed offsets) when the subscription has transactions enabled.
 'use strict';
 
 const path = require('node:path');
@@ -41,10 +47,26 @@ const definition = protoLoader.loadSync('kafkasidecar/v1/consumer.proto', {
 });
 const { kafkasidecar } = grpc.loadPackageDefinition(definition);
 
+// The "transform" of a consume-transform-produce app: here one output per record, with its
+// key and value (undefined stays absent: a null key, a tombstone) and a header naming the
+// record it came from. They go in the batch's ack, so they belong to the records it settles.
+function outputsFor(records, topic) {
+  return records.map((record) => ({
+    topic,
+    key: record.key,
+    value: record.value,
+    headers: [{ key: 'x-source-offset', value: Buffer.from(String(record.offset)) }],
+  }));
+}
+
 function consume() {
   const maxRecords = Number(args['max-records']);
   const idleMs = Number(args.idle) * 1000;
-  const summary = { records: 0, batches: 0, redelivered: 0, rejected: 0, last_offsets: {}, stream_id: '', reason: '' };
+  const outputTopic = process.env.OUTPUT_TOPIC || '';
+  const summary = {
+    records: 0, batches: 0, redelivered: 0, rejected: 0, outputs: 0, transactional: false,
+    last_offsets: {}, stream_id: '', reason: '',
+  };
   const client = new kafkasidecar.v1.ConsumerService(args.target, grpc.credentials.createInsecure());
   const metadata = new grpc.Metadata();
   if (args.token) metadata.set('authorization', `Bearer ${args.token}`);
@@ -77,6 +99,7 @@ function consume() {
       switch (response.kind) {
         case 'opened':
           summary.stream_id = response.opened.stream_id;
+          summary.transactional = response.opened.transactional;
           console.error(`opened ${response.opened.subscription}: group ${response.opened.group_id}`);
           break;
         case 'batch': {
@@ -88,7 +111,10 @@ function consume() {
             summary.last_offsets[`${record.topic}[${record.partition}]`] = Number(record.offset);
             if (record.delivery_attempt > 1) summary.redelivered += 1;
           }
-          call.write({ ack: { batch_ids: [batchId] } });
+          const ack = { batch_ids: [batchId] };
+          if (outputTopic) ack.outputs = outputsFor(records, outputTopic);
+          call.write({ ack });
+          summary.outputs += ack.outputs ? ack.outputs.length : 0;
           summary.records += records.length;
           summary.batches += 1;
           resetIdle();

@@ -7,6 +7,12 @@
 // Nothing here knows about Kafka, AWS or offsets: the sidecar owns all of that and commits
 // what was acked. Records not acked when the stream ends are redelivered, so a crash
 // anywhere in this program loses nothing.
+//
+// With OUTPUT_TOPIC set it is a consume-transform-produce app: each batch's ack carries one
+// output per record (Ack.Outputs: the record's key and value, plus a header x-source-offset)
+// for the sidecar to write to that topic. The sidecar settles the records only once their
+// outputs are written: at least once, or exactly once (one Kafka transaction with the commit
+// of the consumed offsets) when the subscription has transactions enabled.
 package main
 
 import (
@@ -19,6 +25,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -30,13 +37,15 @@ import (
 )
 
 type summary struct {
-	Records     int              `json:"records"`
-	Batches     int              `json:"batches"`
-	Redelivered int              `json:"redelivered"`
-	Rejected    int              `json:"rejected"`
-	LastOffsets map[string]int64 `json:"last_offsets"`
-	StreamID    string           `json:"stream_id"`
-	Reason      string           `json:"reason"`
+	Records       int              `json:"records"`
+	Batches       int              `json:"batches"`
+	Redelivered   int              `json:"redelivered"`
+	Rejected      int              `json:"rejected"`
+	Outputs       int              `json:"outputs"`
+	Transactional bool             `json:"transactional"`
+	LastOffsets   map[string]int64 `json:"last_offsets"`
+	StreamID      string           `json:"stream_id"`
+	Reason        string           `json:"reason"`
 }
 
 func main() {
@@ -55,7 +64,8 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	sum, err := consume(ctx, *target, *subscription, *token, *maxRecords, *idle, uint32(*window))
+	sum, err := consume(ctx, *target, *subscription, *token, os.Getenv("OUTPUT_TOPIC"),
+		*maxRecords, *idle, uint32(*window))
 	out, _ := json.Marshal(sum)
 	fmt.Println(string(out))
 	if err != nil {
@@ -63,8 +73,10 @@ func main() {
 	}
 }
 
-func consume(ctx context.Context, target, subscription, token string, maxRecords int,
-	idle time.Duration, window uint32) (*summary, error) {
+// consume runs one stream to its end. A non-empty outputTopic makes every ack carry one
+// output per record of its batch, for the sidecar to write to that topic.
+func consume(ctx context.Context, target, subscription, token, outputTopic string,
+	maxRecords int, idle time.Duration, window uint32) (*summary, error) {
 	sum := &summary{LastOffsets: map[string]int64{}}
 	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -118,6 +130,7 @@ loop:
 			switch kind := response.Kind.(type) {
 			case *pb.ConsumeResponse_Opened:
 				sum.StreamID = kind.Opened.StreamId
+				sum.Transactional = kind.Opened.Transactional
 				log.Printf("opened %q: group %s, stream %s", kind.Opened.Subscription,
 					kind.Opened.GroupId, kind.Opened.StreamId)
 			case *pb.ConsumeResponse_Batch:
@@ -129,11 +142,15 @@ loop:
 						sum.Redelivered++
 					}
 				}
-				err := stream.Send(&pb.ConsumeRequest{Kind: &pb.ConsumeRequest_Ack{
-					Ack: &pb.Ack{BatchIds: []uint64{kind.Batch.BatchId}}}})
+				ack := &pb.Ack{BatchIds: []uint64{kind.Batch.BatchId}}
+				if outputTopic != "" {
+					ack.Outputs = outputsFor(kind.Batch.Records, outputTopic)
+				}
+				err := stream.Send(&pb.ConsumeRequest{Kind: &pb.ConsumeRequest_Ack{Ack: ack}})
 				if err != nil {
 					return sum, fmt.Errorf("ack: %w", err)
 				}
+				sum.Outputs += len(ack.Outputs)
 				sum.Records += len(kind.Batch.Records)
 				sum.Batches++
 				resetIdle()
@@ -185,4 +202,24 @@ loop:
 			return sum, errors.New("the sidecar did not end the stream after CloseSend")
 		}
 	}
+}
+
+// outputsFor is the "transform" of a consume-transform-produce app: here one output per
+// record, with its key and value (nil stays nil: a null key, a tombstone) and a header naming
+// the record it came from. The outputs go in the batch's ack, so they belong to the records
+// that ack settles.
+func outputsFor(records []*pb.Record, topic string) []*pb.OutputRecord {
+	outputs := make([]*pb.OutputRecord, 0, len(records))
+	for _, record := range records {
+		outputs = append(outputs, &pb.OutputRecord{
+			Topic: topic,
+			Key:   record.Key,
+			Value: record.Value,
+			Headers: []*pb.Header{{
+				Key:   "x-source-offset",
+				Value: []byte(strconv.FormatInt(record.Offset, 10)),
+			}},
+		})
+	}
+	return outputs
 }

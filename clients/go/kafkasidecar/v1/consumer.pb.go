@@ -615,9 +615,18 @@ func (x *RecordRef) GetOffset() int64 {
 
 // Settle records: every not-yet-settled record of the named batches, and the named records.
 type Ack struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	BatchIds      []uint64               `protobuf:"varint,1,rep,packed,name=batch_ids,json=batchIds,proto3" json:"batch_ids,omitempty"`
-	Records       []*RecordRef           `protobuf:"bytes,2,rep,name=records,proto3" json:"records,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	BatchIds []uint64               `protobuf:"varint,1,rep,packed,name=batch_ids,json=batchIds,proto3" json:"batch_ids,omitempty"`
+	Records  []*RecordRef           `protobuf:"bytes,2,rep,name=records,proto3" json:"records,omitempty"`
+	// Records to produce because of the records this ack settles (consume-transform-produce).
+	// The records it names are settled only once their outputs are written. With the
+	// subscription's transactions on, the outputs are written in one Kafka transaction with the
+	// commit of the records they belong to: a read_committed reader sees them exactly once. Every
+	// batch is then of one partition, and an ack with outputs must name records of one partition
+	// only (else it is rejected as INVALID). Without transactions they are produced idempotently
+	// (acks=all) before the records are settled: at least once. Outputs that cannot be written
+	// send their records back for redelivery, as a nack would.
+	Outputs       []*OutputRecord `protobuf:"bytes,3,rep,name=outputs,proto3" json:"outputs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -666,6 +675,93 @@ func (x *Ack) GetRecords() []*RecordRef {
 	return nil
 }
 
+func (x *Ack) GetOutputs() []*OutputRecord {
+	if x != nil {
+		return x.Outputs
+	}
+	return nil
+}
+
+// A record for the sidecar to produce.
+type OutputRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Topic string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
+	// Absent = null key.
+	Key []byte `protobuf:"bytes,2,opt,name=key,proto3,oneof" json:"key,omitempty"`
+	// Absent = tombstone (null value).
+	Value   []byte    `protobuf:"bytes,3,opt,name=value,proto3,oneof" json:"value,omitempty"`
+	Headers []*Header `protobuf:"bytes,4,rep,name=headers,proto3" json:"headers,omitempty"`
+	// Absent = the producer's partitioner (by key).
+	Partition     *int32 `protobuf:"varint,5,opt,name=partition,proto3,oneof" json:"partition,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OutputRecord) Reset() {
+	*x = OutputRecord{}
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OutputRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OutputRecord) ProtoMessage() {}
+
+func (x *OutputRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OutputRecord.ProtoReflect.Descriptor instead.
+func (*OutputRecord) Descriptor() ([]byte, []int) {
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *OutputRecord) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
+func (x *OutputRecord) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *OutputRecord) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
+func (x *OutputRecord) GetHeaders() []*Header {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+func (x *OutputRecord) GetPartition() int32 {
+	if x != nil && x.Partition != nil {
+		return *x.Partition
+	}
+	return 0
+}
+
 type Nack struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	BatchIds []uint64               `protobuf:"varint,1,rep,packed,name=batch_ids,json=batchIds,proto3" json:"batch_ids,omitempty"`
@@ -681,7 +777,7 @@ type Nack struct {
 
 func (x *Nack) Reset() {
 	*x = Nack{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[4]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +789,7 @@ func (x *Nack) String() string {
 func (*Nack) ProtoMessage() {}
 
 func (x *Nack) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[4]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +802,7 @@ func (x *Nack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Nack.ProtoReflect.Descriptor instead.
 func (*Nack) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{4}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Nack) GetBatchIds() []uint64 {
@@ -752,7 +848,7 @@ type Drain struct {
 
 func (x *Drain) Reset() {
 	*x = Drain{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[5]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -764,7 +860,7 @@ func (x *Drain) String() string {
 func (*Drain) ProtoMessage() {}
 
 func (x *Drain) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[5]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -777,7 +873,7 @@ func (x *Drain) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Drain.ProtoReflect.Descriptor instead.
 func (*Drain) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{5}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{6}
 }
 
 type ConsumeResponse struct {
@@ -798,7 +894,7 @@ type ConsumeResponse struct {
 
 func (x *ConsumeResponse) Reset() {
 	*x = ConsumeResponse{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[6]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +906,7 @@ func (x *ConsumeResponse) String() string {
 func (*ConsumeResponse) ProtoMessage() {}
 
 func (x *ConsumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[6]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +919,7 @@ func (x *ConsumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsumeResponse.ProtoReflect.Descriptor instead.
 func (*ConsumeResponse) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{6}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ConsumeResponse) GetKind() isConsumeResponse_Kind {
@@ -961,14 +1057,17 @@ type Opened struct {
 	// The sidecar's version.
 	Version string `protobuf:"bytes,12,opt,name=version,proto3" json:"version,omitempty"`
 	// Names this stream in the sidecar's logs and status.
-	StreamId      string `protobuf:"bytes,13,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	StreamId string `protobuf:"bytes,13,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	// The subscription writes ack outputs in Kafka transactions (exactly once); batches then
+	// hold records of one partition each.
+	Transactional bool `protobuf:"varint,14,opt,name=transactional,proto3" json:"transactional,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Opened) Reset() {
 	*x = Opened{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[7]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -980,7 +1079,7 @@ func (x *Opened) String() string {
 func (*Opened) ProtoMessage() {}
 
 func (x *Opened) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[7]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -993,7 +1092,7 @@ func (x *Opened) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Opened.ProtoReflect.Descriptor instead.
 func (*Opened) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{7}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Opened) GetSubscription() string {
@@ -1087,6 +1186,13 @@ func (x *Opened) GetStreamId() string {
 	return ""
 }
 
+func (x *Opened) GetTransactional() bool {
+	if x != nil {
+		return x.Transactional
+	}
+	return false
+}
+
 type Header struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Key   string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
@@ -1098,7 +1204,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[8]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1110,7 +1216,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[8]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1123,7 +1229,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{8}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Header) GetKey() string {
@@ -1161,7 +1267,7 @@ type Record struct {
 
 func (x *Record) Reset() {
 	*x = Record{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[9]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1279,7 @@ func (x *Record) String() string {
 func (*Record) ProtoMessage() {}
 
 func (x *Record) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[9]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1292,7 @@ func (x *Record) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Record.ProtoReflect.Descriptor instead.
 func (*Record) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{9}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Record) GetTopic() string {
@@ -1263,7 +1369,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[10]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1275,7 +1381,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[10]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1394,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{10}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Batch) GetBatchId() uint64 {
@@ -1315,7 +1421,7 @@ type TopicPartition struct {
 
 func (x *TopicPartition) Reset() {
 	*x = TopicPartition{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[11]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1327,7 +1433,7 @@ func (x *TopicPartition) String() string {
 func (*TopicPartition) ProtoMessage() {}
 
 func (x *TopicPartition) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[11]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1340,7 +1446,7 @@ func (x *TopicPartition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopicPartition.ProtoReflect.Descriptor instead.
 func (*TopicPartition) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{11}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TopicPartition) GetTopic() string {
@@ -1368,7 +1474,7 @@ type TopicPartitionOffset struct {
 
 func (x *TopicPartitionOffset) Reset() {
 	*x = TopicPartitionOffset{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[12]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1380,7 +1486,7 @@ func (x *TopicPartitionOffset) String() string {
 func (*TopicPartitionOffset) ProtoMessage() {}
 
 func (x *TopicPartitionOffset) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[12]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1393,7 +1499,7 @@ func (x *TopicPartitionOffset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopicPartitionOffset.ProtoReflect.Descriptor instead.
 func (*TopicPartitionOffset) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{12}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *TopicPartitionOffset) GetTopic() string {
@@ -1426,7 +1532,7 @@ type PartitionsAssigned struct {
 
 func (x *PartitionsAssigned) Reset() {
 	*x = PartitionsAssigned{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[13]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1438,7 +1544,7 @@ func (x *PartitionsAssigned) String() string {
 func (*PartitionsAssigned) ProtoMessage() {}
 
 func (x *PartitionsAssigned) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[13]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1451,7 +1557,7 @@ func (x *PartitionsAssigned) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PartitionsAssigned.ProtoReflect.Descriptor instead.
 func (*PartitionsAssigned) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{13}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PartitionsAssigned) GetPartitions() []*TopicPartition {
@@ -1471,7 +1577,7 @@ type PartitionsRevoked struct {
 
 func (x *PartitionsRevoked) Reset() {
 	*x = PartitionsRevoked{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[14]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1483,7 +1589,7 @@ func (x *PartitionsRevoked) String() string {
 func (*PartitionsRevoked) ProtoMessage() {}
 
 func (x *PartitionsRevoked) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[14]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1496,7 +1602,7 @@ func (x *PartitionsRevoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PartitionsRevoked.ProtoReflect.Descriptor instead.
 func (*PartitionsRevoked) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{14}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PartitionsRevoked) GetPartitions() []*TopicPartition {
@@ -1516,7 +1622,7 @@ type CaughtUp struct {
 
 func (x *CaughtUp) Reset() {
 	*x = CaughtUp{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[15]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1634,7 @@ func (x *CaughtUp) String() string {
 func (*CaughtUp) ProtoMessage() {}
 
 func (x *CaughtUp) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[15]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1647,7 @@ func (x *CaughtUp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CaughtUp.ProtoReflect.Descriptor instead.
 func (*CaughtUp) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{15}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CaughtUp) GetEndOffsets() []*TopicPartitionOffset {
@@ -1564,7 +1670,7 @@ type Rejected struct {
 
 func (x *Rejected) Reset() {
 	*x = Rejected{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[16]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1576,7 +1682,7 @@ func (x *Rejected) String() string {
 func (*Rejected) ProtoMessage() {}
 
 func (x *Rejected) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[16]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1589,7 +1695,7 @@ func (x *Rejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rejected.ProtoReflect.Descriptor instead.
 func (*Rejected) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{16}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Rejected) GetBatchIds() []uint64 {
@@ -1630,7 +1736,7 @@ type Draining struct {
 
 func (x *Draining) Reset() {
 	*x = Draining{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[17]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1642,7 +1748,7 @@ func (x *Draining) String() string {
 func (*Draining) ProtoMessage() {}
 
 func (x *Draining) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[17]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1655,7 +1761,7 @@ func (x *Draining) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Draining.ProtoReflect.Descriptor instead.
 func (*Draining) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{17}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Draining) GetDeadlineMs() uint32 {
@@ -1675,7 +1781,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[18]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +1793,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[18]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +1806,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{18}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetStatusRequest) GetSubscription() string {
@@ -1730,7 +1836,7 @@ type PartitionStatus struct {
 
 func (x *PartitionStatus) Reset() {
 	*x = PartitionStatus{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[19]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1742,7 +1848,7 @@ func (x *PartitionStatus) String() string {
 func (*PartitionStatus) ProtoMessage() {}
 
 func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[19]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1755,7 +1861,7 @@ func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PartitionStatus.ProtoReflect.Descriptor instead.
 func (*PartitionStatus) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{19}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PartitionStatus) GetTopic() string {
@@ -1836,7 +1942,7 @@ type SubscriptionStatus struct {
 
 func (x *SubscriptionStatus) Reset() {
 	*x = SubscriptionStatus{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[20]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1848,7 +1954,7 @@ func (x *SubscriptionStatus) String() string {
 func (*SubscriptionStatus) ProtoMessage() {}
 
 func (x *SubscriptionStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[20]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1861,7 +1967,7 @@ func (x *SubscriptionStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionStatus.ProtoReflect.Descriptor instead.
 func (*SubscriptionStatus) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{20}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SubscriptionStatus) GetName() string {
@@ -1958,7 +2064,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[21]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1970,7 +2076,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[21]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1983,7 +2089,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{21}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetStatusResponse) GetVersion() string {
@@ -2016,7 +2122,7 @@ type ResetOffsetsRequest struct {
 
 func (x *ResetOffsetsRequest) Reset() {
 	*x = ResetOffsetsRequest{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[22]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2134,7 @@ func (x *ResetOffsetsRequest) String() string {
 func (*ResetOffsetsRequest) ProtoMessage() {}
 
 func (x *ResetOffsetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[22]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2147,7 @@ func (x *ResetOffsetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResetOffsetsRequest.ProtoReflect.Descriptor instead.
 func (*ResetOffsetsRequest) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{22}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ResetOffsetsRequest) GetSubscription() string {
@@ -2099,7 +2205,7 @@ type OffsetChange struct {
 
 func (x *OffsetChange) Reset() {
 	*x = OffsetChange{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[23]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2111,7 +2217,7 @@ func (x *OffsetChange) String() string {
 func (*OffsetChange) ProtoMessage() {}
 
 func (x *OffsetChange) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[23]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2124,7 +2230,7 @@ func (x *OffsetChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OffsetChange.ProtoReflect.Descriptor instead.
 func (*OffsetChange) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{23}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *OffsetChange) GetTopic() string {
@@ -2166,7 +2272,7 @@ type ResetOffsetsResponse struct {
 
 func (x *ResetOffsetsResponse) Reset() {
 	*x = ResetOffsetsResponse{}
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[24]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2178,7 +2284,7 @@ func (x *ResetOffsetsResponse) String() string {
 func (*ResetOffsetsResponse) ProtoMessage() {}
 
 func (x *ResetOffsetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[24]
+	mi := &file_kafkasidecar_v1_consumer_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2191,7 +2297,7 @@ func (x *ResetOffsetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResetOffsetsResponse.ProtoReflect.Descriptor instead.
 func (*ResetOffsetsResponse) Descriptor() ([]byte, []int) {
-	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{24}
+	return file_kafkasidecar_v1_consumer_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ResetOffsetsResponse) GetChanges() []*OffsetChange {
@@ -2228,10 +2334,21 @@ const file_kafkasidecar_v1_consumer_proto_rawDesc = "" +
 	"\tRecordRef\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x1c\n" +
 	"\tpartition\x18\x02 \x01(\x05R\tpartition\x12\x16\n" +
-	"\x06offset\x18\x03 \x01(\x03R\x06offset\"X\n" +
+	"\x06offset\x18\x03 \x01(\x03R\x06offset\"\x91\x01\n" +
 	"\x03Ack\x12\x1b\n" +
 	"\tbatch_ids\x18\x01 \x03(\x04R\bbatchIds\x124\n" +
-	"\arecords\x18\x02 \x03(\v2\x1a.kafkasidecar.v1.RecordRefR\arecords\"\xcc\x01\n" +
+	"\arecords\x18\x02 \x03(\v2\x1a.kafkasidecar.v1.RecordRefR\arecords\x127\n" +
+	"\aoutputs\x18\x03 \x03(\v2\x1d.kafkasidecar.v1.OutputRecordR\aoutputs\"\xcc\x01\n" +
+	"\fOutputRecord\x12\x14\n" +
+	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x15\n" +
+	"\x03key\x18\x02 \x01(\fH\x00R\x03key\x88\x01\x01\x12\x19\n" +
+	"\x05value\x18\x03 \x01(\fH\x01R\x05value\x88\x01\x01\x121\n" +
+	"\aheaders\x18\x04 \x03(\v2\x17.kafkasidecar.v1.HeaderR\aheaders\x12!\n" +
+	"\tpartition\x18\x05 \x01(\x05H\x02R\tpartition\x88\x01\x01B\x06\n" +
+	"\x04_keyB\b\n" +
+	"\x06_valueB\f\n" +
+	"\n" +
+	"_partition\"\xcc\x01\n" +
 	"\x04Nack\x12\x1b\n" +
 	"\tbatch_ids\x18\x01 \x03(\x04R\bbatchIds\x124\n" +
 	"\arecords\x18\x02 \x03(\v2\x1a.kafkasidecar.v1.RecordRefR\arecords\x123\n" +
@@ -2247,7 +2364,7 @@ const file_kafkasidecar_v1_consumer_proto_rawDesc = "" +
 	"\tcaught_up\x18\x05 \x01(\v2\x19.kafkasidecar.v1.CaughtUpH\x00R\bcaughtUp\x127\n" +
 	"\brejected\x18\x06 \x01(\v2\x19.kafkasidecar.v1.RejectedH\x00R\brejected\x127\n" +
 	"\bdraining\x18\a \x01(\v2\x19.kafkasidecar.v1.DrainingH\x00R\bdrainingB\x06\n" +
-	"\x04kind\"\xb7\x04\n" +
+	"\x04kind\"\xdd\x04\n" +
 	"\x06Opened\x12\"\n" +
 	"\fsubscription\x18\x01 \x01(\tR\fsubscription\x12\x19\n" +
 	"\bgroup_id\x18\x02 \x01(\tR\agroupId\x125\n" +
@@ -2262,7 +2379,8 @@ const file_kafkasidecar_v1_consumer_proto_rawDesc = "" +
 	" \x01(\rR\x0ebatchMaxWaitMs\x12&\n" +
 	"\x0fack_deadline_ms\x18\v \x01(\rR\rackDeadlineMs\x12\x18\n" +
 	"\aversion\x18\f \x01(\tR\aversion\x12\x1b\n" +
-	"\tstream_id\x18\r \x01(\tR\bstreamId\"?\n" +
+	"\tstream_id\x18\r \x01(\tR\bstreamId\x12$\n" +
+	"\rtransactional\x18\x0e \x01(\bR\rtransactional\"?\n" +
 	"\x06Header\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x19\n" +
 	"\x05value\x18\x02 \x01(\fH\x00R\x05value\x88\x01\x01B\b\n" +
@@ -2404,7 +2522,7 @@ func file_kafkasidecar_v1_consumer_proto_rawDescGZIP() []byte {
 }
 
 var file_kafkasidecar_v1_consumer_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_kafkasidecar_v1_consumer_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_kafkasidecar_v1_consumer_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_kafkasidecar_v1_consumer_proto_goTypes = []any{
 	(NackAction)(0),              // 0: kafkasidecar.v1.NackAction
 	(SubscriptionMode)(0),        // 1: kafkasidecar.v1.SubscriptionMode
@@ -2416,71 +2534,74 @@ var file_kafkasidecar_v1_consumer_proto_goTypes = []any{
 	(*Open)(nil),                 // 7: kafkasidecar.v1.Open
 	(*RecordRef)(nil),            // 8: kafkasidecar.v1.RecordRef
 	(*Ack)(nil),                  // 9: kafkasidecar.v1.Ack
-	(*Nack)(nil),                 // 10: kafkasidecar.v1.Nack
-	(*Drain)(nil),                // 11: kafkasidecar.v1.Drain
-	(*ConsumeResponse)(nil),      // 12: kafkasidecar.v1.ConsumeResponse
-	(*Opened)(nil),               // 13: kafkasidecar.v1.Opened
-	(*Header)(nil),               // 14: kafkasidecar.v1.Header
-	(*Record)(nil),               // 15: kafkasidecar.v1.Record
-	(*Batch)(nil),                // 16: kafkasidecar.v1.Batch
-	(*TopicPartition)(nil),       // 17: kafkasidecar.v1.TopicPartition
-	(*TopicPartitionOffset)(nil), // 18: kafkasidecar.v1.TopicPartitionOffset
-	(*PartitionsAssigned)(nil),   // 19: kafkasidecar.v1.PartitionsAssigned
-	(*PartitionsRevoked)(nil),    // 20: kafkasidecar.v1.PartitionsRevoked
-	(*CaughtUp)(nil),             // 21: kafkasidecar.v1.CaughtUp
-	(*Rejected)(nil),             // 22: kafkasidecar.v1.Rejected
-	(*Draining)(nil),             // 23: kafkasidecar.v1.Draining
-	(*GetStatusRequest)(nil),     // 24: kafkasidecar.v1.GetStatusRequest
-	(*PartitionStatus)(nil),      // 25: kafkasidecar.v1.PartitionStatus
-	(*SubscriptionStatus)(nil),   // 26: kafkasidecar.v1.SubscriptionStatus
-	(*GetStatusResponse)(nil),    // 27: kafkasidecar.v1.GetStatusResponse
-	(*ResetOffsetsRequest)(nil),  // 28: kafkasidecar.v1.ResetOffsetsRequest
-	(*OffsetChange)(nil),         // 29: kafkasidecar.v1.OffsetChange
-	(*ResetOffsetsResponse)(nil), // 30: kafkasidecar.v1.ResetOffsetsResponse
+	(*OutputRecord)(nil),         // 10: kafkasidecar.v1.OutputRecord
+	(*Nack)(nil),                 // 11: kafkasidecar.v1.Nack
+	(*Drain)(nil),                // 12: kafkasidecar.v1.Drain
+	(*ConsumeResponse)(nil),      // 13: kafkasidecar.v1.ConsumeResponse
+	(*Opened)(nil),               // 14: kafkasidecar.v1.Opened
+	(*Header)(nil),               // 15: kafkasidecar.v1.Header
+	(*Record)(nil),               // 16: kafkasidecar.v1.Record
+	(*Batch)(nil),                // 17: kafkasidecar.v1.Batch
+	(*TopicPartition)(nil),       // 18: kafkasidecar.v1.TopicPartition
+	(*TopicPartitionOffset)(nil), // 19: kafkasidecar.v1.TopicPartitionOffset
+	(*PartitionsAssigned)(nil),   // 20: kafkasidecar.v1.PartitionsAssigned
+	(*PartitionsRevoked)(nil),    // 21: kafkasidecar.v1.PartitionsRevoked
+	(*CaughtUp)(nil),             // 22: kafkasidecar.v1.CaughtUp
+	(*Rejected)(nil),             // 23: kafkasidecar.v1.Rejected
+	(*Draining)(nil),             // 24: kafkasidecar.v1.Draining
+	(*GetStatusRequest)(nil),     // 25: kafkasidecar.v1.GetStatusRequest
+	(*PartitionStatus)(nil),      // 26: kafkasidecar.v1.PartitionStatus
+	(*SubscriptionStatus)(nil),   // 27: kafkasidecar.v1.SubscriptionStatus
+	(*GetStatusResponse)(nil),    // 28: kafkasidecar.v1.GetStatusResponse
+	(*ResetOffsetsRequest)(nil),  // 29: kafkasidecar.v1.ResetOffsetsRequest
+	(*OffsetChange)(nil),         // 30: kafkasidecar.v1.OffsetChange
+	(*ResetOffsetsResponse)(nil), // 31: kafkasidecar.v1.ResetOffsetsResponse
 }
 var file_kafkasidecar_v1_consumer_proto_depIdxs = []int32{
 	7,  // 0: kafkasidecar.v1.ConsumeRequest.open:type_name -> kafkasidecar.v1.Open
 	9,  // 1: kafkasidecar.v1.ConsumeRequest.ack:type_name -> kafkasidecar.v1.Ack
-	10, // 2: kafkasidecar.v1.ConsumeRequest.nack:type_name -> kafkasidecar.v1.Nack
-	11, // 3: kafkasidecar.v1.ConsumeRequest.drain:type_name -> kafkasidecar.v1.Drain
+	11, // 2: kafkasidecar.v1.ConsumeRequest.nack:type_name -> kafkasidecar.v1.Nack
+	12, // 3: kafkasidecar.v1.ConsumeRequest.drain:type_name -> kafkasidecar.v1.Drain
 	8,  // 4: kafkasidecar.v1.Ack.records:type_name -> kafkasidecar.v1.RecordRef
-	8,  // 5: kafkasidecar.v1.Nack.records:type_name -> kafkasidecar.v1.RecordRef
-	0,  // 6: kafkasidecar.v1.Nack.action:type_name -> kafkasidecar.v1.NackAction
-	13, // 7: kafkasidecar.v1.ConsumeResponse.opened:type_name -> kafkasidecar.v1.Opened
-	16, // 8: kafkasidecar.v1.ConsumeResponse.batch:type_name -> kafkasidecar.v1.Batch
-	19, // 9: kafkasidecar.v1.ConsumeResponse.partitions_assigned:type_name -> kafkasidecar.v1.PartitionsAssigned
-	20, // 10: kafkasidecar.v1.ConsumeResponse.partitions_revoked:type_name -> kafkasidecar.v1.PartitionsRevoked
-	21, // 11: kafkasidecar.v1.ConsumeResponse.caught_up:type_name -> kafkasidecar.v1.CaughtUp
-	22, // 12: kafkasidecar.v1.ConsumeResponse.rejected:type_name -> kafkasidecar.v1.Rejected
-	23, // 13: kafkasidecar.v1.ConsumeResponse.draining:type_name -> kafkasidecar.v1.Draining
-	1,  // 14: kafkasidecar.v1.Opened.mode:type_name -> kafkasidecar.v1.SubscriptionMode
-	2,  // 15: kafkasidecar.v1.Opened.ordering:type_name -> kafkasidecar.v1.Ordering
-	14, // 16: kafkasidecar.v1.Record.headers:type_name -> kafkasidecar.v1.Header
-	3,  // 17: kafkasidecar.v1.Record.timestamp_type:type_name -> kafkasidecar.v1.TimestampType
-	15, // 18: kafkasidecar.v1.Batch.records:type_name -> kafkasidecar.v1.Record
-	17, // 19: kafkasidecar.v1.PartitionsAssigned.partitions:type_name -> kafkasidecar.v1.TopicPartition
-	17, // 20: kafkasidecar.v1.PartitionsRevoked.partitions:type_name -> kafkasidecar.v1.TopicPartition
-	18, // 21: kafkasidecar.v1.CaughtUp.end_offsets:type_name -> kafkasidecar.v1.TopicPartitionOffset
-	8,  // 22: kafkasidecar.v1.Rejected.records:type_name -> kafkasidecar.v1.RecordRef
-	4,  // 23: kafkasidecar.v1.Rejected.reason:type_name -> kafkasidecar.v1.RejectReason
-	1,  // 24: kafkasidecar.v1.SubscriptionStatus.mode:type_name -> kafkasidecar.v1.SubscriptionMode
-	25, // 25: kafkasidecar.v1.SubscriptionStatus.partitions:type_name -> kafkasidecar.v1.PartitionStatus
-	26, // 26: kafkasidecar.v1.GetStatusResponse.subscriptions:type_name -> kafkasidecar.v1.SubscriptionStatus
-	5,  // 27: kafkasidecar.v1.ResetOffsetsRequest.target:type_name -> kafkasidecar.v1.ResetTarget
-	18, // 28: kafkasidecar.v1.ResetOffsetsRequest.offsets:type_name -> kafkasidecar.v1.TopicPartitionOffset
-	29, // 29: kafkasidecar.v1.ResetOffsetsResponse.changes:type_name -> kafkasidecar.v1.OffsetChange
-	17, // 30: kafkasidecar.v1.ResetOffsetsResponse.not_owned:type_name -> kafkasidecar.v1.TopicPartition
-	6,  // 31: kafkasidecar.v1.ConsumerService.Consume:input_type -> kafkasidecar.v1.ConsumeRequest
-	24, // 32: kafkasidecar.v1.ConsumerService.GetStatus:input_type -> kafkasidecar.v1.GetStatusRequest
-	28, // 33: kafkasidecar.v1.ConsumerService.ResetOffsets:input_type -> kafkasidecar.v1.ResetOffsetsRequest
-	12, // 34: kafkasidecar.v1.ConsumerService.Consume:output_type -> kafkasidecar.v1.ConsumeResponse
-	27, // 35: kafkasidecar.v1.ConsumerService.GetStatus:output_type -> kafkasidecar.v1.GetStatusResponse
-	30, // 36: kafkasidecar.v1.ConsumerService.ResetOffsets:output_type -> kafkasidecar.v1.ResetOffsetsResponse
-	34, // [34:37] is the sub-list for method output_type
-	31, // [31:34] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	10, // 5: kafkasidecar.v1.Ack.outputs:type_name -> kafkasidecar.v1.OutputRecord
+	15, // 6: kafkasidecar.v1.OutputRecord.headers:type_name -> kafkasidecar.v1.Header
+	8,  // 7: kafkasidecar.v1.Nack.records:type_name -> kafkasidecar.v1.RecordRef
+	0,  // 8: kafkasidecar.v1.Nack.action:type_name -> kafkasidecar.v1.NackAction
+	14, // 9: kafkasidecar.v1.ConsumeResponse.opened:type_name -> kafkasidecar.v1.Opened
+	17, // 10: kafkasidecar.v1.ConsumeResponse.batch:type_name -> kafkasidecar.v1.Batch
+	20, // 11: kafkasidecar.v1.ConsumeResponse.partitions_assigned:type_name -> kafkasidecar.v1.PartitionsAssigned
+	21, // 12: kafkasidecar.v1.ConsumeResponse.partitions_revoked:type_name -> kafkasidecar.v1.PartitionsRevoked
+	22, // 13: kafkasidecar.v1.ConsumeResponse.caught_up:type_name -> kafkasidecar.v1.CaughtUp
+	23, // 14: kafkasidecar.v1.ConsumeResponse.rejected:type_name -> kafkasidecar.v1.Rejected
+	24, // 15: kafkasidecar.v1.ConsumeResponse.draining:type_name -> kafkasidecar.v1.Draining
+	1,  // 16: kafkasidecar.v1.Opened.mode:type_name -> kafkasidecar.v1.SubscriptionMode
+	2,  // 17: kafkasidecar.v1.Opened.ordering:type_name -> kafkasidecar.v1.Ordering
+	15, // 18: kafkasidecar.v1.Record.headers:type_name -> kafkasidecar.v1.Header
+	3,  // 19: kafkasidecar.v1.Record.timestamp_type:type_name -> kafkasidecar.v1.TimestampType
+	16, // 20: kafkasidecar.v1.Batch.records:type_name -> kafkasidecar.v1.Record
+	18, // 21: kafkasidecar.v1.PartitionsAssigned.partitions:type_name -> kafkasidecar.v1.TopicPartition
+	18, // 22: kafkasidecar.v1.PartitionsRevoked.partitions:type_name -> kafkasidecar.v1.TopicPartition
+	19, // 23: kafkasidecar.v1.CaughtUp.end_offsets:type_name -> kafkasidecar.v1.TopicPartitionOffset
+	8,  // 24: kafkasidecar.v1.Rejected.records:type_name -> kafkasidecar.v1.RecordRef
+	4,  // 25: kafkasidecar.v1.Rejected.reason:type_name -> kafkasidecar.v1.RejectReason
+	1,  // 26: kafkasidecar.v1.SubscriptionStatus.mode:type_name -> kafkasidecar.v1.SubscriptionMode
+	26, // 27: kafkasidecar.v1.SubscriptionStatus.partitions:type_name -> kafkasidecar.v1.PartitionStatus
+	27, // 28: kafkasidecar.v1.GetStatusResponse.subscriptions:type_name -> kafkasidecar.v1.SubscriptionStatus
+	5,  // 29: kafkasidecar.v1.ResetOffsetsRequest.target:type_name -> kafkasidecar.v1.ResetTarget
+	19, // 30: kafkasidecar.v1.ResetOffsetsRequest.offsets:type_name -> kafkasidecar.v1.TopicPartitionOffset
+	30, // 31: kafkasidecar.v1.ResetOffsetsResponse.changes:type_name -> kafkasidecar.v1.OffsetChange
+	18, // 32: kafkasidecar.v1.ResetOffsetsResponse.not_owned:type_name -> kafkasidecar.v1.TopicPartition
+	6,  // 33: kafkasidecar.v1.ConsumerService.Consume:input_type -> kafkasidecar.v1.ConsumeRequest
+	25, // 34: kafkasidecar.v1.ConsumerService.GetStatus:input_type -> kafkasidecar.v1.GetStatusRequest
+	29, // 35: kafkasidecar.v1.ConsumerService.ResetOffsets:input_type -> kafkasidecar.v1.ResetOffsetsRequest
+	13, // 36: kafkasidecar.v1.ConsumerService.Consume:output_type -> kafkasidecar.v1.ConsumeResponse
+	28, // 37: kafkasidecar.v1.ConsumerService.GetStatus:output_type -> kafkasidecar.v1.GetStatusResponse
+	31, // 38: kafkasidecar.v1.ConsumerService.ResetOffsets:output_type -> kafkasidecar.v1.ResetOffsetsResponse
+	36, // [36:39] is the sub-list for method output_type
+	33, // [33:36] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_kafkasidecar_v1_consumer_proto_init() }
@@ -2494,7 +2615,8 @@ func file_kafkasidecar_v1_consumer_proto_init() {
 		(*ConsumeRequest_Nack)(nil),
 		(*ConsumeRequest_Drain)(nil),
 	}
-	file_kafkasidecar_v1_consumer_proto_msgTypes[6].OneofWrappers = []any{
+	file_kafkasidecar_v1_consumer_proto_msgTypes[4].OneofWrappers = []any{}
+	file_kafkasidecar_v1_consumer_proto_msgTypes[7].OneofWrappers = []any{
 		(*ConsumeResponse_Opened)(nil),
 		(*ConsumeResponse_Batch)(nil),
 		(*ConsumeResponse_PartitionsAssigned)(nil),
@@ -2503,15 +2625,15 @@ func file_kafkasidecar_v1_consumer_proto_init() {
 		(*ConsumeResponse_Rejected)(nil),
 		(*ConsumeResponse_Draining)(nil),
 	}
-	file_kafkasidecar_v1_consumer_proto_msgTypes[8].OneofWrappers = []any{}
 	file_kafkasidecar_v1_consumer_proto_msgTypes[9].OneofWrappers = []any{}
+	file_kafkasidecar_v1_consumer_proto_msgTypes[10].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kafkasidecar_v1_consumer_proto_rawDesc), len(file_kafkasidecar_v1_consumer_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   25,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -5,7 +5,7 @@
     async with SidecarConsumer("unix:///var/run/kafka-sidecar/sidecar.sock", "receipts") as c:
         async for batch in c:
             ...
-            await batch.ack()
+            await batch.ack()  # or batch.ack(outputs=[Output("topic", value=...)])
 
 See `kafkasidecar.client` for the whole story.
 """
@@ -29,7 +29,7 @@ from kafkasidecar._exceptions import (
     StreamLostError,
 )
 from kafkasidecar._listeners import EventStream
-from kafkasidecar._models import Batch, Record, RecordRef, TopicPartition
+from kafkasidecar._models import Batch, Output, Record, RecordRef, TopicPartition
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ __all__ = [
     "Draining",
     "Event",
     "EventStream",
+    "Output",
     "PartitionsAssigned",
     "PartitionsRevoked",
     "Record",

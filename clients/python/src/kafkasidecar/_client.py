@@ -38,7 +38,16 @@ from kafkasidecar._exceptions import (
     StreamLostError,
 )
 from kafkasidecar._listeners import EventStream, Listeners
-from kafkasidecar._models import Batch, Record, RecordRef, TopicPartition, nack_pb, settle
+from kafkasidecar._models import (
+    Batch,
+    Output,
+    Record,
+    RecordRef,
+    TopicPartition,
+    ack_with_outputs,
+    nack_pb,
+    settle,
+)
 from kafkasidecar._reconnect import FATAL_CODES, backoff
 from kafkasidecar.v1 import consumer_pb2 as pb
 
@@ -227,12 +236,26 @@ class SidecarConsumer:
             if item.alive:  # batches of a lost stream were taken back by the sidecar
                 return item
 
-    async def ack(self, *items: Batch | Record | Iterable[Batch | Record]) -> None:
+    async def ack(
+        self,
+        *items: Batch | Record | Iterable[Batch | Record],
+        outputs: Iterable[Output] = (),
+    ) -> None:
         """Acks batches and/or records in one request per stream.
 
         Those still open are sent even if some belong to a lost stream; then StreamLostError
         is raised for the lost ones.
+
+        `outputs` are records for the sidecar to produce for the records this ack settles,
+        which it settles only once they are written (see :class:`Output`). They go in one
+        request, so the items must then be of one stream (and, on a transactional
+        subscription, of one partition), and not all settled already: else ValueError, and
+        nothing is settled.
         """
+        outs = list(outputs)
+        if outs:
+            await ack_with_outputs(items, outs)
+            return
         await settle(
             items, lambda ids, refs: pb.ConsumeRequest(ack=pb.Ack(batch_ids=ids, records=refs))
         )
@@ -305,6 +328,7 @@ class SidecarConsumer:
                     failures = 0
                     streams += 1
                     conn.stream_id = opened.stream_id
+                    conn.transactional = opened.transactional
                     self.opened = opened
                     self._conn = conn
                     self._assignment.clear()

@@ -50,6 +50,9 @@ class Connection:
         self._writing = True
         self.lost: str | None = None
         self.stream_id = ""
+        #: Whether the stream's subscription writes ack outputs in Kafka transactions (from
+        #: `opened`): an ack with outputs must then name records of one partition only.
+        self.transactional = False
         self.call: Any = pb_grpc.ConsumerServiceStub(self.channel).Consume(
             self._requests(), metadata=metadata
         )

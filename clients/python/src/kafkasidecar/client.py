@@ -58,6 +58,12 @@ What surfaces and how:
 - Batches: ``async for``. ``batch.records`` are :class:`Record` objects (``batch.pb`` is the
   wire message); settle a whole batch, single records, or a mix (``consumer.ack(...)``).
   Settling twice is harmless: the first settlement wins and later ones send nothing.
+- Outputs (consume-transform-produce): ``await batch.ack(outputs=[Output("totals",
+  value=...)])`` (or ``record.ack(outputs=...)``, ``consumer.ack(..., outputs=...)``) has
+  the sidecar produce those records for the ones the ack settles, which it settles only once
+  the outputs are written: at least once, or exactly once in one Kafka transaction with the
+  offsets' commit when the subscription has ``transactions.enabled``
+  (``consumer.opened.transactional``). See :class:`Output`.
 - Rebalances, rejected acks, sidecar shutdown, (re)connects: typed events
   (:class:`PartitionsAssigned`, :class:`PartitionsRevoked`, :class:`Rejected`,
   :class:`Draining`, :class:`CaughtUp`, :class:`Connected`, :class:`Disconnected`), delivered

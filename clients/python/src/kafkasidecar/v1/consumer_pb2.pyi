@@ -285,23 +285,85 @@ class Ack(_message.Message):
 
     BATCH_IDS_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def batch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordRef]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputRecord]:
+        """Records to produce because of the records this ack settles (consume-transform-produce).
+        The records it names are settled only once their outputs are written. With the
+        subscription's transactions on, the outputs are written in one Kafka transaction with the
+        commit of the records they belong to: a read_committed reader sees them exactly once. Every
+        batch is then of one partition, and an ack with outputs must name records of one partition
+        only (else it is rejected as INVALID). Without transactions they are produced idempotently
+        (acks=all) before the records are settled: at least once. Outputs that cannot be written
+        send their records back for redelivery, as a nack would.
+        """
+
     def __init__(
         self,
         *,
         batch_ids: _abc.Iterable[_builtins.int] | None = ...,
         records: _abc.Iterable[Global___RecordRef] | None = ...,
+        outputs: _abc.Iterable[Global___OutputRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_ids", b"batch_ids", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_ids", b"batch_ids", "outputs", b"outputs", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Ack: _TypeAlias = Ack  # noqa: Y015
+
+@_typing.final
+class OutputRecord(_message.Message):
+    """A record for the sidecar to produce."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    key: _builtins.bytes
+    """Absent = null key."""
+    value: _builtins.bytes
+    """Absent = tombstone (null value)."""
+    partition: _builtins.int
+    """Absent = the producer's partitioner (by key)."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]: ...
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        key: _builtins.bytes | None = ...,
+        value: _builtins.bytes | None = ...,
+        headers: _abc.Iterable[Global___Header] | None = ...,
+        partition: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_key", b"_key", "_partition", b"_partition", "_value", b"_value", "key", b"key", "partition", b"partition", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_key", b"_key", "_partition", b"_partition", "_value", b"_value", "headers", b"headers", "key", b"key", "partition", b"partition", "topic", b"topic", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__key: _TypeAlias = _typing.Literal["key"]  # noqa: Y015
+    _WhichOneofArgType__key: _TypeAlias = _typing.Literal["_key", b"_key"]  # noqa: Y015
+    _WhichOneofReturnType__partition: _TypeAlias = _typing.Literal["partition"]  # noqa: Y015
+    _WhichOneofArgType__partition: _TypeAlias = _typing.Literal["_partition", b"_partition"]  # noqa: Y015
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__key) -> _WhichOneofReturnType__key | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__partition) -> _WhichOneofReturnType__partition | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___OutputRecord: _TypeAlias = OutputRecord  # noqa: Y015
 
 @_typing.final
 class Nack(_message.Message):
@@ -420,6 +482,7 @@ class Opened(_message.Message):
     ACK_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STREAM_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTIONAL_FIELD_NUMBER: _builtins.int
     subscription: _builtins.str
     group_id: _builtins.str
     mode: Global___SubscriptionMode.ValueType
@@ -437,6 +500,10 @@ class Opened(_message.Message):
     """The sidecar's version."""
     stream_id: _builtins.str
     """Names this stream in the sidecar's logs and status."""
+    transactional: _builtins.bool
+    """The subscription writes ack outputs in Kafka transactions (exactly once); batches then
+    hold records of one partition each.
+    """
     def __init__(
         self,
         *,
@@ -453,10 +520,11 @@ class Opened(_message.Message):
         ack_deadline_ms: _builtins.int = ...,
         version: _builtins.str = ...,
         stream_id: _builtins.str = ...,
+        transactional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline_ms", b"ack_deadline_ms", "batch_max_bytes", b"batch_max_bytes", "batch_max_records", b"batch_max_records", "batch_max_wait_ms", b"batch_max_wait_ms", "group_id", b"group_id", "max_outstanding_batches", b"max_outstanding_batches", "max_outstanding_bytes", b"max_outstanding_bytes", "max_outstanding_records", b"max_outstanding_records", "mode", b"mode", "ordering", b"ordering", "stream_id", b"stream_id", "subscription", b"subscription", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline_ms", b"ack_deadline_ms", "batch_max_bytes", b"batch_max_bytes", "batch_max_records", b"batch_max_records", "batch_max_wait_ms", b"batch_max_wait_ms", "group_id", b"group_id", "max_outstanding_batches", b"max_outstanding_batches", "max_outstanding_bytes", b"max_outstanding_bytes", "max_outstanding_records", b"max_outstanding_records", "mode", b"mode", "ordering", b"ordering", "stream_id", b"stream_id", "subscription", b"subscription", "transactional", b"transactional", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
