@@ -13,6 +13,9 @@ For each configuration (ordering x listener x compression) it reports:
    with a paced producer in its own process at half of (b)'s rate.
 4. The sidecar's peak RSS, and its RSS with a slow app and a backlog of 30k vs 300k records
    (memory should be bounded by the flow-control window, not the backlog: flat within 10%).
+5. With `--outputs plain|transactions`: (c) the same as (b), except that the app acks each
+   batch with one output per record (same key and 1 KiB value, to a topic of its own), written
+   idempotently or in per-partition transactions with the commits; and the ratio c/b.
 
 Prints one JSON line per configuration as it finishes and a markdown table at the end (stdout);
 progress goes to stderr. `--matrix` runs ordering none|partition x plaintext|iam x
@@ -22,7 +25,7 @@ without it a single run refuses that compression and the matrix marks its rows s
 
     .venv/bin/python bench/throughput.py [--records 200000] [--ordering none|partition]
         [--listener plaintext|iam] [--compression none|gzip|snappy|lz4|zstd]
-        [--skip-latency] [--skip-rss] [--matrix]
+        [--skip-latency] [--skip-rss] [--matrix] [--outputs plain|transactions]
 """
 
 from __future__ import annotations
@@ -380,6 +383,7 @@ async def running_sidecar(
     listener: str,
     ordering: str,
     max_wait_ms: int = BATCH["max_wait_ms"],
+    transactions: bool = False,
 ) -> AsyncIterator[tuple[SidecarProcess, dict[str, Any], AppStream]]:
     """A `kafka-sidecar run` process with one subscription ("bench") on `topic`, serving, and
     an app stream opened on it."""
@@ -390,6 +394,7 @@ async def running_sidecar(
         ordering=ordering,
         window=WINDOW,
         commit_interval_ms=COMMIT_INTERVAL_MS,
+        transactions={"enabled": transactions, "transactional_id_prefix": "bench"},
     )
     sidecar = SidecarProcess(kafka, [sub], listener=listener, extra={"shutdown_grace_ms": 2000})
     sidecar.config_path.write_text(sidecar.config_path.read_text().replace("DEBUG", "INFO"))
@@ -439,19 +444,38 @@ async def throughput_in_process(
 
 
 async def throughput_sidecar(
-    kafka: LocalKafka, listener: str, ordering: str, topic: str, count: int
+    kafka: LocalKafka,
+    listener: str,
+    ordering: str,
+    topic: str,
+    count: int,
+    outputs: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`outputs`: (mode, topic): each batch is acked with one output per record, written
+    idempotently (`plain`) or in transactions (`transactions`)."""
     ends = await end_offsets(kafka, topic)
-    async with running_sidecar(kafka, topic, listener, ordering) as (sidecar, sub, app):
+    transactional = outputs is not None and outputs[0] == "transactions"
+    async with running_sidecar(kafka, topic, listener, ordering, transactions=transactional) as (
+        sidecar,
+        sub,
+        app,
+    ):
         meter = Meter(sidecar_pid(sidecar))
         seen = touched = 0
         while seen < count:
             response = await app.next()
             if response.WhichOneof("kind") == "batch":
-                for record in response.batch.records:
+                batch = response.batch
+                for record in batch.records:
                     touched += touch(record.value)
-                seen += len(response.batch.records)
-                app.send(pb.ConsumeRequest(ack=pb.Ack(batch_ids=[response.batch.batch_id])))
+                seen += len(batch.records)
+                ack = pb.Ack(batch_ids=[batch.batch_id])
+                if outputs is not None:
+                    ack.outputs.extend(
+                        pb.OutputRecord(topic=outputs[1], key=r.key, value=r.value)
+                        for r in batch.records
+                    )
+                app.send(pb.ConsumeRequest(ack=ack))
         app_cpu = meter.self_used()
         while (await committed_offsets(kafka, sub["group_id"])) != ends:
             await asyncio.sleep(0.05)
@@ -579,6 +603,8 @@ class Options:
     latency_rate: float | None = None
     #: The sidecar's batch.max_wait_ms (linger) in the latency run.
     latency_max_wait_ms: int = BATCH["max_wait_ms"]
+    #: Phase (c): acks with outputs, `plain` or `transactions`; None skips it.
+    outputs: str | None = None
 
 
 async def run_config(
@@ -601,6 +627,24 @@ async def run_config(
         f"{config.compression}): {row['b_records_per_s']:>10,} records/s (acked, committed)"
     )
     row["ratio_b_a"] = round(row["b_records_per_s"] / row["a_records_per_s"], 3)
+    if options.outputs is not None:
+        out = await topics.create("out")
+        c = await throughput_sidecar(
+            kafka,
+            config.listener,
+            config.ordering,
+            topic,
+            options.records,
+            (options.outputs, out),
+        )
+        row.update({f"c_{key.removeprefix('b_')}": value for key, value in c.items()})
+        row["outputs"] = options.outputs
+        row["ratio_c_b"] = round(row["c_records_per_s"] / row["b_records_per_s"], 3)
+        log(
+            f"(c) via kafka-sidecar, acks with outputs ({options.outputs}): "
+            f"{row['c_records_per_s']:>10,} records/s (c/b {row['ratio_c_b']:.2f}; sidecar "
+            f"{row['c_sidecar_cpu_us_per_record']:.1f} µs/record)"
+        )
 
     if not options.skip_latency:
         rate = options.latency_rate or row["b_records_per_s"] / 2
@@ -688,6 +732,8 @@ def table(rows: list[dict[str, Any]], options: Options) -> str:
         "(a) rec/s in-proc",
         "(b) rec/s sidecar",
         "b/a",
+        "(c) rec/s with outputs",
+        "c/b",
         "CPU µs/rec in-proc",
         "CPU µs/rec app",
         "CPU µs/rec sidecar",
@@ -712,6 +758,8 @@ def table(rows: list[dict[str, Any]], options: Options) -> str:
                 cell(row, "a_records_per_s"),
                 cell(row, "b_records_per_s"),
                 cell(row, "ratio_b_a", "{:.2f}"),
+                cell(row, "c_records_per_s"),
+                cell(row, "ratio_c_b", "{:.2f}"),
                 cell(row, "a_cpu_us_per_record", "{:.1f}"),
                 cell(row, "app_cpu_us_per_record", "{:.1f}"),
                 cell(row, "sidecar_cpu_us_per_record", "{:.1f}"),
@@ -782,6 +830,12 @@ async def main() -> None:
         help="every combination of ordering none|partition, listener plaintext|iam and "
         "compression none|lz4|zstd, in one table",
     )
+    parser.add_argument(
+        "--outputs",
+        choices=["plain", "transactions"],
+        help="add phase (c): the app acks each batch with one output per record, written "
+        "idempotently (plain) or in transactions with the commits",
+    )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
@@ -817,6 +871,7 @@ async def main() -> None:
         skip_rss=args.skip_rss,
         latency_rate=args.latency_rate,
         latency_max_wait_ms=args.latency_max_wait_ms,
+        outputs=args.outputs,
     )
     if args.matrix:
         configs = [

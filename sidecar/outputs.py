@@ -38,13 +38,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.structs import OffsetAndMetadata
 
 from kafkasidecar.v1 import consumer_pb2 as pb
@@ -57,6 +58,18 @@ log = logging.getLogger("sidecar.outputs")
 
 #: How long closing a producer may take.
 STOP_TIMEOUT_S = 10.0
+#: Batches of outputs grow to this (aiokafka's default, 16 KiB, makes the broker handle a
+#: record batch per 16 KiB); below a default broker's `message.max.bytes` (1 MiB).
+MAX_BATCH_SIZE = 512 * 1024
+_PRODUCER: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "linger_ms": 0,
+    "max_batch_size": MAX_BATCH_SIZE,
+}
+#: After a produce batch shared by several acks was refused, each ack's outputs get batches
+#: of their own for this long, so the next refusal names the one ack to blame.
+ISOLATE_S = 30.0
 #: How long `Transactions.open` waits for a partition's producer before letting the
 #: rebalance go on (the partition is taken up in the background once its producer starts).
 OPEN_WAIT_S = 30.0
@@ -85,19 +98,99 @@ class OutputStats:
     transaction_seconds: float = 0.0
 
 
-def _send_args(output: pb.OutputRecord) -> dict[str, Any]:
-    return {
-        "topic": output.topic,
-        "key": output.key if output.HasField("key") else None,
-        "value": output.value if output.HasField("value") else None,
-        "partition": output.partition if output.HasField("partition") else None,
-        "headers": [(h.key, h.value if h.HasField("value") else None) for h in output.headers],
-    }
+class _Sending:
+    """An ack's outputs, or a transaction's, as produce batches: one per destination partition
+    (shared by the acks, unless `isolate`), built whole and handed to aiokafka with
+    `send_batch`. `send` per record costs tens of µs of Python each and leaves aiokafka's
+    16 KiB batches to the broker (a record batch each to validate and append)."""
+
+    def __init__(self, producer: AIOKafkaProducer, *, isolate: bool) -> None:
+        self._producer = producer
+        self._isolate = isolate
+        self._routes: dict[str, tuple[list[int], list[int]]] = {}
+        self._sticky: dict[str, int] = {}
+        self._open: dict[tuple[object, ...], tuple[list[Staged], Any]] = {}
+        #: (the acks with outputs in it, the batch, topic, partition), in the order built.
+        self.batches: list[tuple[list[Staged], Any, str, int]] = []
+
+    async def add(self, staged: Staged) -> None:
+        """Appends an ack's outputs (the per-output path: kept to plain local operations)."""
+        outputs = staged.outputs
+        for topic in {output.topic for output in outputs} - self._routes.keys():
+            everything = sorted(await self._producer.partitions_for(topic))
+            cluster = self._producer.client.cluster
+            self._routes[topic] = (everything, list(cluster.available_partitions_for_topic(topic)))
+        # Every destination first: an ack whose outputs cannot all be routed adds none.
+        partitions = [self._partition(output) for output in outputs]
+        opened, isolate = self._open, self._isolate
+        for output, partition in zip(outputs, partitions, strict=True):
+            topic = output.topic
+            where: tuple[object, ...] = (topic, partition)
+            if isolate:
+                where = (*where, id(staged))
+            key = output.key if output.HasField("key") else None
+            value = output.value if output.HasField("value") else None
+            headers = (
+                [(h.key, h.value if h.HasField("value") else None) for h in output.headers]
+                if output.headers
+                else []
+            )
+            entry = opened.get(where)
+            if entry is None or (
+                entry[1].append(timestamp=None, key=key, value=value, headers=headers) is None
+            ):
+                # No batch for that partition yet, or it is full. An empty batch takes any
+                # record, however large (the broker judges it).
+                entry = opened[where] = ([], self._producer.create_batch())
+                self.batches.append((entry[0], entry[1], topic, partition))
+                entry[1].append(timestamp=None, key=key, value=value, headers=headers)
+            units = entry[0]
+            if not units or units[-1] is not staged:
+                units.append(staged)
+
+    def _partition(self, output: pb.OutputRecord) -> int:
+        """As the producer's `send` would: the one given, the key's (murmur2, as Java
+        clients), or for a null key one partition per topic for the whole lot (sticky)."""
+        topic = output.topic
+        everything, available = self._routes[topic]
+        if output.HasField("partition"):
+            if output.partition not in everything:
+                raise UnknownTopicOrPartitionError(f"{topic} has no partition {output.partition}")
+            return output.partition
+        if output.HasField("key"):
+            return int(self._producer._partitioner(output.key, everything, available))
+        if topic not in self._sticky:
+            self._sticky[topic] = random.choice(available or everything)
+        return self._sticky[topic]
+
+    async def send(self) -> _Blame:
+        """Hands the batches to the producer and waits for the broker's verdicts."""
+        sent = [
+            (units, await self._producer.send_batch(batch, topic, partition=partition))
+            for units, batch, topic, partition in self.batches
+        ]
+        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
+        blame = _Blame()
+        for (units, _), result in zip(sent, results, strict=True):
+            if isinstance(result, BaseException):
+                if len(units) == 1:
+                    blame.guilty.setdefault(units[0], result)
+                else:
+                    blame.shared.update(units)
+        return blame
 
 
-async def _send_all(producer: AIOKafkaProducer, staged: Staged) -> list[asyncio.Future[Any]]:
-    """Hands an ack's outputs to the producer; returns the futures of their confirmations."""
-    return [await producer.send(**_send_args(output)) for output in staged.outputs]
+@dataclass(slots=True)
+class _Blame:
+    """Whose outputs the broker refused. A refused batch that several acks shared blames none
+    of them (`shared`): each is delivered again, uncounted, and for `ISOLATE_S` the writer
+    gives each ack's outputs batches of their own, so the next refusal names the one to blame."""
+
+    guilty: dict[Staged, BaseException] = field(default_factory=dict)
+    shared: set[Staged] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.guilty or self.shared)
 
 
 def _reason(exc: BaseException) -> str:
@@ -116,67 +209,95 @@ async def _close(producer: AIOKafkaProducer) -> None:
 
 
 class OutputWriter:
-    """Outputs without transactions: idempotent, acks=all, at least once."""
+    """Outputs without transactions: idempotent, acks=all, at least once. Acks with outputs
+    are written in rounds (what arrived during one round goes in the next, in shared batches):
+    aiokafka takes one batch per partition at a time, so a write per ack would queue them."""
 
     def __init__(self, client_kwargs: dict[str, Any], sink: Sink) -> None:
         self._client_kwargs = client_kwargs
         self._sink = sink
         self._producer: AIOKafkaProducer | None = None
-        self._starting = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: list[Staged] = []
+        self._task: asyncio.Task[None] | None = None
+        self._isolate_until = 0.0
         self.stats = OutputStats()
 
     def submit(self, staged: Staged) -> None:
-        task = asyncio.create_task(self._write(staged))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queue.append(staged)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
 
-    async def _write(self, staged: Staged) -> None:
-        producer: AIOKafkaProducer | None = None
+    async def _drain(self) -> None:
+        while self._queue:
+            staged, self._queue = self._queue, []
+            try:
+                await self._write(staged)
+            except asyncio.CancelledError:
+                for unit in staged:
+                    self._sink.outputs_released(unit)
+                raise
+
+    async def _write(self, staged: list[Staged]) -> None:
+        failed: dict[Staged, BaseException] = {}
+        blame = _Blame()
         try:
             producer = await self._current()
-            await asyncio.gather(*await _send_all(producer, staged))
-        except Exception as exc:
-            if producer is not None and producer is self._producer:
-                # A refused batch leaves aiokafka's idempotent sequence numbers out of step
-                # with the broker's (see deadletters.py): the next write gets a fresh producer.
-                self._producer = None
-                asyncio.get_running_loop().create_task(_close(producer))
-            log.warning(
-                f"outputs of the ack of {_where(staged)} could not be written; its records "
-                "are delivered again",
-                extra={"error": repr(exc), "cause": classify(exc)},
-            )
-            self._sink.outputs_failed(staged, _reason(exc))
-            return
-        self.stats.produced += len(staged.outputs)
-        self._sink.outputs_written(staged)
+            sending = _Sending(producer, isolate=time.monotonic() < self._isolate_until)
+            for unit in staged:
+                try:
+                    await sending.add(unit)
+                except KafkaError as exc:  # no such topic or partition: adds nothing
+                    failed[unit] = exc
+            blame = await sending.send()
+        except Exception as exc:  # the producer cannot start, or aiokafka failed the lot
+            failed.update(dict.fromkeys(staged, exc))
+            self._retire()
+        if blame:
+            # A refused batch leaves aiokafka's idempotent sequence numbers out of step with
+            # the broker's (see deadletters.py): the next round gets a fresh producer.
+            self._retire()
+            if blame.shared:
+                self._isolate_until = time.monotonic() + ISOLATE_S
+        failed.update(blame.guilty)
+        for unit in staged:
+            if unit in failed:
+                log.warning(
+                    f"outputs of the ack of {_where(unit)} could not be written; its records "
+                    "are delivered again",
+                    extra={"error": repr(failed[unit]), "cause": classify(failed[unit])},
+                )
+                self._sink.outputs_failed(unit, _reason(failed[unit]))
+            elif unit in blame.shared:
+                self._sink.outputs_released(unit)
+            else:
+                self.stats.produced += len(unit.outputs)
+                self._sink.outputs_written(unit)
+
+    def _retire(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            asyncio.get_running_loop().create_task(_close(producer))
 
     async def _current(self) -> AIOKafkaProducer:
-        async with self._starting:
-            if self._producer is None:
-                producer = AIOKafkaProducer(
-                    **self._client_kwargs, acks="all", enable_idempotence=True
-                )
-                try:
-                    await producer.start()
-                except BaseException:
-                    await _close(producer)
-                    raise
-                self._producer = producer
-            return self._producer
+        if self._producer is None:
+            producer = AIOKafkaProducer(**self._client_kwargs, **_PRODUCER)
+            try:
+                await producer.start()
+            except BaseException:
+                await _close(producer)
+                raise
+            self._producer = producer
+        return self._producer
 
     async def stop(self, grace_s: float = STOP_TIMEOUT_S) -> None:
-        """Lets writes under way finish (their records settle), then closes the producer.
-        A write cut short leaves its records unsettled: they are redelivered after a restart."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=grace_s)
-        for task in list(self._tasks):
+        """Lets the round under way finish (its records settle), then closes the producer.
+        What is cut short stays unsettled: redelivered after a restart."""
+        task = self._task
+        if task is not None:
+            await asyncio.wait([task], timeout=grace_s)
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._producer is not None:
-            await _close(self._producer)
-            self._producer = None
+            await asyncio.gather(task, return_exceptions=True)
+        self._retire()
 
 
 class _Abort(Exception):
@@ -195,6 +316,8 @@ class _Partition:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
     fenced: bool = False
+    #: Until when each ack's outputs get batches of their own (monotonic time).
+    isolate_until: float = 0.0
 
 
 class Transactions:
@@ -262,8 +385,7 @@ class Transactions:
                 **self._client_kwargs,
                 transactional_id=self.transactional_id(tp),
                 transaction_timeout_ms=self.config.transactions.timeout_ms,
-                acks="all",
-                enable_idempotence=True,
+                **_PRODUCER,
             )
             try:
                 await producer.start()
@@ -360,7 +482,7 @@ class Transactions:
             started = time.perf_counter()
             try:
                 await producer.begin_transaction()
-                await self._write(producer, staged)
+                await self._write(part, staged)
                 if self._ledger.partition(part.tp) is not ledger:
                     raise _Abort({}, "the partition was revoked or reset meanwhile")
                 # Acks that came meanwhile are settled: the commit steps over them too.
@@ -389,23 +511,20 @@ class Transactions:
             return True
 
     @staticmethod
-    async def _write(producer: AIOKafkaProducer, staged: list[Staged]) -> None:
-        """Sends every output and waits for the broker; raises `_Abort` naming the acks
-        whose outputs it refused."""
-        sent: list[tuple[Staged, asyncio.Future[Any]]] = []
-        guilty: dict[Staged, BaseException] = {}
+    async def _write(part: _Partition, staged: list[Staged]) -> None:
+        """Sends every output and waits for the broker; raises `_Abort` naming the acks whose
+        outputs it refused (see `_Blame`)."""
+        sending = _Sending(part.producer, isolate=time.monotonic() < part.isolate_until)
         for unit in staged:
             try:
-                sent.extend((unit, future) for future in await _send_all(producer, unit))
-            except KafkaError as exc:  # refused before it was sent: too large, no such topic
-                guilty[unit] = exc
-                break  # the transaction aborts anyway
-        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-        for (unit, _), result in zip(sent, results, strict=True):
-            if isinstance(result, BaseException):
-                guilty.setdefault(unit, result)
-        if guilty:
-            raise _Abort(guilty, "outputs refused")
+                await sending.add(unit)
+            except KafkaError as exc:  # no such topic or partition
+                raise _Abort({unit: exc}, "outputs refused") from exc
+        blame = await sending.send()
+        if blame.shared:
+            part.isolate_until = time.monotonic() + ISOLATE_S
+        if blame:
+            raise _Abort(blame.guilty, "outputs refused")
 
     async def _aborted(self, part: _Partition, staged: list[Staged], exc: BaseException) -> None:
         producer = part.producer

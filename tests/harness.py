@@ -71,13 +71,24 @@ async def wait_committed(kafka: LocalKafka, group_id: str, topic: str, timeout: 
         ) from None
 
 
-async def read_all(kafka: LocalKafka, topic: str, timeout: float = 60) -> list[Any]:
-    """Every record of `topic` up to its current end offsets, all partitions, with no group."""
+async def read_all(
+    kafka: LocalKafka,
+    topic: str,
+    timeout: float = 60,
+    isolation_level: str = "read_uncommitted",
+) -> list[Any]:
+    """Every record of `topic` up to its current end offsets, all partitions, with no group.
+    (read_committed: the position passes the end once the last transaction's marker is read,
+    so the loop waits for positions, not record counts.)"""
     ends = {tp: end for (_t, tp), end in (await end_offsets(kafka, topic)).items() if end}
     records: list[Any] = []
     if not ends:
         return records
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.plaintext, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.plaintext,
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in ends]

@@ -6,15 +6,12 @@ The crash, rebalance and zombie proofs of exactly-once are tests/test_outputs_cr
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from kafkasidecar.v1 import consumer_pb2 as pb
-from tests.harness import consuming
-from tests.localkafka import LocalKafka, end_offsets
+from tests.harness import consuming, read_all
+from tests.localkafka import LocalKafka
 from tests.sidecarproc import ref
 from tests.test_metrics import scrape
 from tests.test_server import free_port
@@ -41,29 +38,12 @@ def ack_with(batch: pb.Batch, outputs: list[pb.OutputRecord]) -> pb.ConsumeReque
 
 
 async def read_outputs(
-    kafka: LocalKafka, topic: str, *, committed_only: bool = True, timeout: float = 60
+    kafka: LocalKafka, topic: str, *, committed_only: bool = True
 ) -> list[bytes]:
     """Every output record's value, read as a `read_committed` consumer would (or not)."""
     isolation = "read_committed" if committed_only else "read_uncommitted"
-    ends = {p: end for (_t, p), end in (await end_offsets(kafka, topic)).items()}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.plaintext, enable_auto_commit=False, isolation_level=isolation
-    )
-    await consumer.start()
-    values: list[bytes] = []
-    try:
-        tps = [TopicPartition(topic, p) for p in ends]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        async with asyncio.timeout(timeout):
-            # read_committed: the position passes the end once the last transaction's marker
-            # (or an abort) is read, so wait for positions, not record counts.
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp.partition]]:
-                for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                    values.extend(r.value for r in records if r.value is not None)
-    finally:
-        await consumer.stop()
-    return values
+    records = await read_all(kafka, topic, isolation_level=isolation)
+    return [r.value for r in records if r.value is not None]
 
 
 async def test_transactional_outputs_are_written_exactly_once_with_the_commit(

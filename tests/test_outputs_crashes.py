@@ -49,6 +49,16 @@ def eos_subscription(name: str, topic: str, **overrides: Any) -> dict[str, Any]:
     )
 
 
+async def eos_setup(
+    new_topic: TopicFactory, producer: AIOKafkaProducer, name: str, total: int, partitions: int
+) -> tuple[str, str, set[Key], dict[str, Any]]:
+    """An input topic with `total` records, an output topic, and the subscription."""
+    topic = await new_topic(partitions=partitions)
+    out = await new_topic(partitions=partitions)
+    produced = set(await produce(producer, topic, total, partitions=partitions))
+    return topic, out, produced, eos_subscription(name, topic)
+
+
 def output_value(app: str, partition: int, offset: int) -> bytes:
     return f"{app}|{partition}:{offset}".encode()
 
@@ -109,11 +119,8 @@ async def test_sidecar_killed_twice_mid_run_writes_every_output_exactly_once(
     producer: AIOKafkaProducer,
     start_sidecar: StartSidecar,
 ) -> None:
-    total, partitions = 5000, 4
-    topic = await new_topic(partitions=partitions)
-    out = await new_topic(partitions=partitions)
-    produced = set(await produce(producer, topic, total, partitions=partitions))
-    sub = eos_subscription("eos-kill", topic)
+    total = 5000
+    topic, out, produced, sub = await eos_setup(new_topic, producer, "eos-kill", total, 4)
     deliveries: Counter[Key] = Counter()
     started = time.monotonic()
     for life in range(3):
@@ -182,11 +189,8 @@ async def test_app_killed_twice_mid_run_writes_every_output_exactly_once(
     start_sidecar: StartSidecar,
     tmp_path: Path,
 ) -> None:
-    total, partitions = 5000, 4
-    topic = await new_topic(partitions=partitions)
-    out = await new_topic(partitions=partitions)
-    produced = set(await produce(producer, topic, total, partitions=partitions))
-    sub = eos_subscription("eos-app", topic)
+    total = 5000
+    topic, out, produced, sub = await eos_setup(new_topic, producer, "eos-app", total, 4)
     sidecar = await start_sidecar([sub], listener="plaintext")
     script = tmp_path / "transforming_app.py"
     script.write_text(_TRANSFORMING_APP)
@@ -267,13 +271,16 @@ async def test_a_rebalance_between_two_sidecars_writes_every_output_exactly_once
         finally:
             for task in tasks:
                 task.cancel()
+    by_app = Counter(value.split(b"|")[0].decode() for value in await read_outputs(kafka, out))
     figures(
         "exactly-once, rebalance between two sidecars",
         inputs=len(produced),
         outputs_visible=sum(outputs.values()),
         duplicated_outputs=0,
         redelivered_records=sum(deliveries.values()) - len(deliveries),
+        outputs_by_app=dict(by_app),
     )
+    assert set(by_app) == {"s0", "s1"}, "the partitions never moved"
 
 
 async def test_a_fenced_zombie_makes_nothing_visible_after_losing_its_partitions(
@@ -285,11 +292,7 @@ async def test_a_fenced_zombie_makes_nothing_visible_after_losing_its_partitions
     """Sidecar A is stopped (SIGSTOP) past its session timeout with an ack carrying outputs
     on its way to it; B takes the partitions and processes everything; A resumes, reads the
     ack and tries to commit it: its producer is fenced, its outputs never become visible."""
-    partitions = 2
-    topic = await new_topic(partitions=partitions)
-    out = await new_topic(partitions=partitions)
-    produced = set(await produce(producer, topic, 400, partitions=partitions))
-    sub = eos_subscription("eos-zombie", topic)
+    topic, out, produced, sub = await eos_setup(new_topic, producer, "eos-zombie", 400, 2)
     zombie = await start_sidecar([sub], listener="plaintext")
     assert zombie.proc is not None
     deliveries: Counter[Key] = Counter()
