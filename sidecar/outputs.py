@@ -390,6 +390,9 @@ class Transactions:
             try:
                 await producer.start()
                 break
+            except asyncio.CancelledError:  # revoked meanwhile
+                await _close(producer)
+                raise
             except Exception as exc:
                 await _close(producer)
                 await self._fail(

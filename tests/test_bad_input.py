@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -663,6 +663,8 @@ class Figures:
     duplicate_refs: int = 0
     #: (partition, offset) -> how many times any stream received it.
     deliveries: Counter[tuple[int, int]] = field(default_factory=Counter)
+    #: The topic acks write outputs to (the transactions run), or "".
+    outputs: str = ""
     problems: list[str] = field(default_factory=list)
 
     def report(self) -> str:
@@ -903,12 +905,20 @@ class FuzzStream:
             self.send("drain", pb.ConsumeRequest(drain=pb.Drain()))
         elif kind == "ack_batches":
             ids = held.pick_batches(rng, rng.randint(1, 3))
+            if self.figures.outputs and ids and rng.random() < 0.5:
+                self.send("ack", self.with_outputs(rng, ids[:1], held.batches.get(ids[0], [])))
+                held.forget(ids[:1], [])
+                return
             if rng.random() < 0.2:
                 ids += held.neighbour_ids(rng, 1)
             self.send("ack", pb.ConsumeRequest(ack=pb.Ack(batch_ids=ids)))
             held.forget(ids, [])
         elif kind == "ack_records":
             refs = held.pick_records(rng, rng.randint(1, 8))
+            if self.figures.outputs and refs and rng.random() < 0.5:
+                self.send("ack", self.with_outputs(rng, [], refs[:1]))
+                held.forget([], refs[:1])
+                return
             if refs and rng.random() < 0.3:
                 refs += rng.sample(refs, k=rng.randint(1, len(refs)))  # named twice
             rng.shuffle(refs)
@@ -916,6 +926,22 @@ class FuzzStream:
             held.forget([], refs)
         else:
             self.settle(kind, rng)
+
+    def with_outputs(
+        self, rng: random.Random, ids: list[int], refs: Sequence[pb.RecordRef]
+    ) -> pb.ConsumeRequest:
+        """An ack of one batch (`ids`, holding `refs`) or of one record (`refs` alone) with an
+        output per record whose value names it, so each output visible in the end was written
+        by that record's one settlement; now and then with a second output that has no topic
+        (the ack is then refused)."""
+        outputs = [
+            pb.OutputRecord(topic=self.figures.outputs, value=f"{r.partition}:{r.offset}".encode())
+            for r in refs
+        ]
+        if rng.random() < 0.1:
+            outputs.append(pb.OutputRecord(value=b"no topic"))
+        records = [] if ids else list(refs)
+        return pb.ConsumeRequest(ack=pb.Ack(batch_ids=ids, records=records, outputs=outputs))
 
     def settle(self, kind: str, rng: random.Random) -> None:
         """A nack (or ack) of real, neighbouring, made-up and repeated ids and refs."""
@@ -975,13 +1001,21 @@ def dead_lettered(records: Sequence[Any], topic: str) -> set[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("ordering", ["partition", "none", "key"])
+@pytest.mark.parametrize("ordering", ["partition", "none", "key", "transactions"])
 async def test_thousands_of_random_requests_on_short_streams_lose_nothing_and_stick_nothing(
-    kafka: LocalKafka, ordering: str
+    kafka: LocalKafka, new_topic: Callable[..., Awaitable[str]], ordering: str
 ) -> None:
-    seed = FUZZ_SEED + ["partition", "none", "key"].index(ordering)
+    """`transactions`: ordering partition with transactions on, and half the acks of one
+    batch or record carry an output per record: besides the rest, no output becomes visible
+    twice."""
+    seed = FUZZ_SEED + ["partition", "none", "key", "transactions"].index(ordering)
     figures = Figures(seed)
     scripts = stream_scripts(seed, FUZZ_STREAMS)
+    extra: dict[str, Any] = {}
+    if ordering == "transactions":
+        figures.outputs = await new_topic(partitions=2)
+        extra["transactions"] = {"enabled": True, "transactional_id_prefix": "fuzz"}
+        ordering = "partition"
     async with consuming(
         kafka,
         f"fuzz-{ordering}",
@@ -995,6 +1029,7 @@ async def test_thousands_of_random_requests_on_short_streams_lose_nothing_and_st
         window=WINDOW_CAPS,
         ack_deadline_ms=1000,
         retry={"max_attempts": 4, "initial_backoff_ms": 20, "multiplier": 2, "max_backoff_ms": 300},
+        **extra,
     ) as c:
         started = time.monotonic()
         todo = list(scripts)
@@ -1058,6 +1093,15 @@ async def test_thousands_of_random_requests_on_short_streams_lose_nothing_and_st
             # it may still be waiting behind the stuck ones.
             what = "lost (never delivered, not in the DLQ)" if drained else "never delivered"
             figures.problems.append(f"{len(missing)} {what}: {sorted(missing)[:20]}")
+        if figures.outputs:
+            written = Counter(
+                r.value
+                for r in await read_all(kafka, figures.outputs, isolation_level="read_committed")
+            )
+            twice = [value for value, n in written.items() if n > 1]
+            if twice:
+                figures.problems.append(f"{len(twice)} outputs visible twice: {twice[:10]}")
+            print(f"outputs visible (read_committed): {len(written)}")
         errors = error_lines(c.sidecar.logs())
         if errors:
             figures.problems.append(

@@ -94,6 +94,10 @@ async def test_outputs_without_transactions_are_written_before_the_records_settl
             got += len(batch.records)
             c.app.send(ack_with(batch, outputs_for(batch, out)))
         await c.wait_committed()
+        c.app.send(ack_with(batch, [pb.OutputRecord(value=b"no topic")]))
+        rejected = (await c.app.next("rejected")).rejected
+        assert rejected.reason == pb.REJECT_REASON_INVALID
+        assert rejected.message == "outputs[0] has no topic"
     values = Counter(await read_outputs(kafka, out))
     assert set(values) == {f"{p}:{o}".encode() for p, o in c.produced}
 
