@@ -29,6 +29,9 @@ from sidecar.outputs import Transactions
 
 log = logging.getLogger("sidecar.consumer")
 
+#: How long the commit on revoke may take (after the revoke grace).
+REVOKE_COMMIT_S = 15.0
+
 
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
     """`AIOKafkaConsumer.stop()`, finished even when aiokafka trips over itself.
@@ -411,7 +414,17 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             deadline = loop.time() + owner.config.revoke_grace_ms / 1000
             while owner.dispatcher.unsettled_in(tps) and loop.time() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-            await owner.commit(only=tps)
+            try:
+                # Bounded: a commit stuck on an unreachable coordinator must not hold the
+                # rebalance; what it did not commit, the next owner delivers again.
+                async with asyncio.timeout(REVOKE_COMMIT_S):
+                    await owner.commit(only=tps)
+            except TimeoutError:
+                log.warning(
+                    "the commit on revoke did not finish in time; the next owner redelivers "
+                    "what it did not commit",
+                    extra={"subscription": owner.config.name, "timeout_s": REVOKE_COMMIT_S},
+                )
         finally:
             owner.dispatcher.revoke(tps)
             if owner.transactions is not None:
