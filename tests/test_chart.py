@@ -229,6 +229,60 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
     },
 }
 
+_STRING_MAP: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "string"}}
+#: Prometheus's duration format, as prometheus-operator's CRD checks `for`.
+_DURATION = "^(0|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$"
+
+#: The PrometheusRule fields the chart renders (prometheus-operator's monitoring.coreos.com/v1
+#: CRD). tests/test_alerts.py runs the rules themselves through promtool.
+PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"labels": _STRING_MAP},
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["alert", "expr"],
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": {"type": "string", "pattern": _DURATION},
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
 #: Oldest and newest Kubernetes each mode supports (native sidecars: 1.29+).
 LATEST = str(kubernetes_validate.latest_version())
 NATIVE_VERSIONS = ("1.29.0", LATEST)
@@ -238,6 +292,9 @@ CLASSIC_VERSIONS = ("1.25.0", "1.28.0", LATEST)
 def validate(manifest: Manifest, version: str) -> None:
     if manifest["kind"] == "ServiceMonitor":
         jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
+        return
+    if manifest["kind"] == "PrometheusRule":
+        jsonschema.validate(manifest, PROMETHEUS_RULE_SCHEMA)
         return
     try:
         kubernetes_validate.validate(manifest, version, strict=True)

@@ -49,3 +49,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .image.repository (toString (default .tag .image.tag)) }}
 {{- end }}
 {{- end }}
+
+{{/* PromQL label matchers for this release's sidecar series (prometheusRule.selector). */}}
+{{- define "kafka-sidecar.alertSelector" -}}
+{{- if .Values.prometheusRule.selector }}
+{{- .Values.prometheusRule.selector }}
+{{- else if and .Values.deployment.enabled .Values.serviceMonitor.enabled }}
+{{- printf "namespace=%q, job=%q" .Release.Namespace (printf "%s-metrics" (include "kafka-sidecar.fullname" .)) }}
+{{- else }}
+{{- fail "prometheusRule.selector: set it (PromQL label matchers picking this release's sidecars), or enable serviceMonitor so the rules pick what it scrapes" }}
+{{- end }}
+{{- end }}
+
+{{/* An alert's `for` and labels. Takes (dict "alert" ALERT_VALUES "root" $). */}}
+{{- define "kafka-sidecar.alertMeta" -}}
+for: {{ .alert.for }}
+labels:
+  severity: {{ .alert.severity }}
+  {{- with omit .root.Values.prometheusRule.alertLabels "severity" }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* A number as PromQL and people write it: 1000000, not 1e+06. */}}
+{{- define "kafka-sidecar.number" -}}
+{{- if eq (float64 .) (float64 (int64 .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- end }}
