@@ -66,6 +66,8 @@ class ConsumerStats:
     commits: int = 0
     commit_failures: int = 0
     commit_seconds: float = 0.0
+    #: Wall-clock time of the last successful commit (0: none yet).
+    last_commit: float = 0.0
     rebalances: int = 0
 
 
@@ -330,6 +332,7 @@ class GroupConsumer:
             return
         self.stats.commits += 1
         self.stats.commit_seconds += time.perf_counter() - started
+        self.stats.last_commit = time.time()
         self.ledger.mark_committed(pending, above)
         log.debug(
             "committed",

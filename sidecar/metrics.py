@@ -73,11 +73,23 @@ class SidecarCollector(Collector):
             "Offset commit latency (successful commits)",
             labels=["subscription"],
         )
+        last = GaugeMetricFamily(
+            "kafka_sidecar_last_commit_timestamp_seconds",
+            "When the subscription last committed offsets (Unix time; commits happen only when "
+            "something settled)",
+            labels=["subscription"],
+        )
         for sub in subs:
             if isinstance(sub, GroupSubscription):
-                stats = sub.consumer.stats
-                commits.add_metric([sub.name], stats.commits, stats.commit_seconds)
+                ok, _, seconds = _commit_totals(sub)
+                commits.add_metric([sub.name], ok, seconds)
+                when = sub.consumer.stats.last_commit
+                if sub.config.transactions.enabled:
+                    when = max(when, sub.outputs.stats.last_commit)
+                if when:
+                    last.add_metric([sub.name], when)
         yield commits
+        yield last
 
         reconnects = CounterMetricFamily(
             "kafka_sidecar_broker_reconnects",
@@ -186,8 +198,9 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
         if writer is not None:
             for cause, count in writer.failures.items():
                 dlq_failures.add_metric([label, cause], count)
-        commits.add_metric([label, "ok"], sub.consumer.stats.commits)
-        commits.add_metric([label, "failed"], sub.consumer.stats.commit_failures)
+        ok, failed, _ = _commit_totals(sub)
+        commits.add_metric([label, "ok"], ok)
+        commits.add_metric([label, "failed"], failed)
         rebalances.add_metric([label], sub.consumer.stats.rebalances)
         out = sub.outputs.stats
         produced.add_metric([label], out.produced)
@@ -196,6 +209,18 @@ def _counters(subs: Iterable[Subscription]) -> Iterator[Metric]:
                 transactions.add_metric([label, outcome], getattr(out, outcome))
             latency.add_metric([label], out.committed, out.transaction_seconds)
     yield from (nacks, dead, dlq_failures, commits, rebalances, produced, transactions, latency)
+
+
+def _commit_totals(sub: GroupSubscription) -> tuple[int, int, float]:
+    """(commits, failed commits, seconds of the commits): with transactions, a committed
+    transaction is the partition's offset commit, and an aborted or fenced one a failed one."""
+    stats = sub.consumer.stats
+    ok, failed, seconds = stats.commits, stats.commit_failures, stats.commit_seconds
+    if sub.config.transactions.enabled:
+        out = sub.outputs.stats
+        ok, failed = ok + out.committed, failed + out.aborted + out.fenced
+        seconds += out.transaction_seconds
+    return ok, failed, seconds
 
 
 def _gauges(subs: Iterable[Subscription]) -> Iterator[Metric]:

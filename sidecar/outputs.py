@@ -96,6 +96,8 @@ class OutputStats:
     fenced: int = 0
     #: Seconds spent in committed transactions, begin to commit.
     transaction_seconds: float = 0.0
+    #: Wall-clock time of the last committed transaction (0: none yet).
+    last_commit: float = 0.0
 
 
 class _Sending:
@@ -506,6 +508,7 @@ class Transactions:
                 return True
             self.stats.committed += 1
             self.stats.transaction_seconds += time.perf_counter() - started
+            self.stats.last_commit = time.time()
             self.stats.produced += sum(len(unit.outputs) for unit in staged)
             for unit in staged:
                 self._sink.outputs_written(unit)

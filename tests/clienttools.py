@@ -92,6 +92,12 @@ def run(cmd: list[str], *, cwd: Path = ROOT, timeout: float = 600, **env: str) -
     return result.stdout
 
 
+def ensure_tool(script: str) -> str:
+    """The path a `scripts/ensure-*` script prints (helm, promtool, prometheus: built with
+    `go install` on a machine's first run, minutes; cached after)."""
+    return run([str(ROOT / "scripts" / script)], timeout=1100).strip().splitlines()[-1]
+
+
 def ensure_go() -> Path:
     """scripts/ensure-go: the pinned Go tools (`go install`), in their cache directory."""
     require("go")

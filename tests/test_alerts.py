@@ -25,6 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.clienttools import ensure_tool
 from tests.test_chart import PROMETHEUS_RULE_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,22 +56,9 @@ pytestmark = pytest.mark.timeout(1200)
 Manifest = dict[str, Any]
 
 
-def _ensure(script: str) -> str:
-    proc = subprocess.run(
-        [str(ROOT / "scripts" / script)],
-        capture_output=True,
-        text=True,
-        timeout=1100,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    return _ensure("ensure-promtool")
+    return ensure_tool("ensure-promtool")
 
 
 @dataclass(frozen=True)
@@ -98,7 +86,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
         **os.environ,
         **{f"HELM_{d.upper()}_HOME": str(home / d) for d in ("config", "cache", "data")},
     }
-    return Helm(_ensure("ensure-helm"), env)
+    return Helm(ensure_tool("ensure-helm"), env)
 
 
 def render_rule(helm: Helm, *args: str) -> Manifest | None:

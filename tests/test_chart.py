@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from kafkasidecar.v1 import consumer_pb2_grpc as pb_grpc
+from tests.clienttools import ensure_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "kafka-sidecar"
@@ -70,22 +71,14 @@ HELM_ENV: dict[str, str] = {}
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    proc = subprocess.run(
-        [str(ROOT / "scripts" / "ensure-helm")],
-        capture_output=True,
-        text=True,
-        timeout=1100,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/ensure-helm failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    binary = ensure_tool("ensure-helm")
     home = tmp_path_factory.mktemp("helm-home")
     HELM_ENV.update(
         HELM_CONFIG_HOME=str(home / "config"),
         HELM_CACHE_HOME=str(home / "cache"),
         HELM_DATA_HOME=str(home / "data"),
     )
-    return proc.stdout.strip().splitlines()[-1]
+    return binary
 
 
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -54,7 +55,9 @@ async def test_metrics_move_with_traffic(
     )
     sidecar = await start_sidecar([sub], listener="iam", metrics=address)
     before = await scrape(address)
+    before_time = time.time()
     s = (("subscription", "metered"),)
+    assert ("kafka_sidecar_last_commit_timestamp_seconds", s) not in before
     assert before[("kafka_sidecar_records_delivered_total", s)] == 0
     assert before[("kafka_sidecar_token_refreshes_total", ())] >= 1
 
@@ -88,6 +91,7 @@ async def test_metrics_move_with_traffic(
     assert after[("kafka_sidecar_dead_lettered_total", s)] == 1
     assert after[("kafka_sidecar_commits_total", (("result", "ok"), *s))] >= 1
     assert after[("kafka_sidecar_commit_seconds_count", s)] >= 1
+    assert after[("kafka_sidecar_last_commit_timestamp_seconds", s)] > before_time
     assert after[("kafka_sidecar_subscription_serving", s)] == 1
     assert after[("kafka_sidecar_in_flight_records", s)] == 0
     lags = {k: v for k, v in after.items() if k[0] == "kafka_sidecar_consumer_lag"}

@@ -76,6 +76,9 @@ async def test_transactional_outputs_are_written_exactly_once_with_the_commit(
     assert scraped[("kafka_sidecar_transactions_total", (("outcome", "aborted"), *s))] == 0
     assert scraped[("kafka_sidecar_transaction_seconds_count", s)] == committed
     assert scraped[("kafka_sidecar_acks_with_outputs_total", s)] >= 600 / 100
+    # Its transactions are its commits.
+    assert scraped[("kafka_sidecar_commits_total", (("result", "ok"), *s))] == committed
+    assert scraped[("kafka_sidecar_last_commit_timestamp_seconds", s)] > 0
     values = Counter(await read_outputs(kafka, out))
     expected = {f"{p}:{o}".encode() for p, o in c.produced}
     assert set(values) == expected
