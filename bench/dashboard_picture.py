@@ -49,7 +49,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -72,7 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.localkafka import LocalKafka
-from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref
+from tests.sidecarproc import AppStream, SidecarProcess, group_subscription, ref, stop_process
+from tests.test_failures import nack
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "charts" / "kafka-sidecar" / "dashboards" / "kafka-sidecar.json"
@@ -215,14 +215,7 @@ class Prometheus:
         return reply["data"]
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 # --- The load -----------------------------------------------------------------------------
@@ -338,19 +331,6 @@ class App:
         self.load.acked += 1
         self.load.hold_ended = time.time()
         log(f"app: acked {self.load.held}: the commit moves again")
-
-
-def nack(
-    records: list[pb.Record], action: int, reason: str = "", retry_after_ms: int = 0
-) -> pb.ConsumeRequest:
-    return pb.ConsumeRequest(
-        nack=pb.Nack(
-            records=[ref(r) for r in records],
-            action=action,  # type: ignore[arg-type]
-            reason=reason,
-            retry_after_ms=retry_after_ms,
-        )
-    )
 
 
 @contextlib.asynccontextmanager
