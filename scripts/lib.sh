@@ -45,3 +45,33 @@ ensure_broker() {
     BROKER_STARTED=1
   fi
 }
+
+# The test beds of scripts/local-kafka: one broker, or three. Tests need one or the other, and
+# both take port 19092, so scripts/test swaps them. bed_running prints the count of the bed
+# that runs, if all of it runs.
+bed_running() {
+  scripts/local-kafka status >/dev/null 2>&1 || return 1
+  scripts/local-kafka env | sed -n 's/^export KAFKA_BROKERS=//p'
+}
+
+# use_bed N: makes the N-broker bed the one that runs. The first call notes the bed that ran
+# before (restore_bed brings it back at exit, or stops what was started).
+use_bed() {
+  local now
+  now=$(bed_running) || now=""
+  if [[ -z ${BED_BEFORE+set} ]]; then
+    BED_BEFORE=$now
+    trap restore_bed EXIT
+  fi
+  [[ $now == "$1" ]] && return
+  scripts/local-kafka stop
+  LOCAL_KAFKA_BROKERS=$1 scripts/local-kafka start
+}
+
+restore_bed() {
+  local now
+  now=$(bed_running) || now=""
+  [[ $now == "$BED_BEFORE" ]] && return
+  scripts/local-kafka stop
+  if [[ -n $BED_BEFORE ]]; then LOCAL_KAFKA_BROKERS=$BED_BEFORE scripts/local-kafka start; fi
+}

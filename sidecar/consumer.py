@@ -21,7 +21,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from sidecar import tap
+from sidecar import permissions, tap
 from sidecar.config import SubscriptionConfig
 from sidecar.dispatcher import Dispatcher
 from sidecar.ledger import Ledger, decode_settled
@@ -31,6 +31,12 @@ log = logging.getLogger("sidecar.consumer")
 
 #: How long the commit on revoke may take (after the revoke grace).
 REVOKE_COMMIT_S = 15.0
+#: A poll refused for want of a permission is retried after `DENIED_POLL_S` (aiokafka
+#: fetches again, and warns again, only once its error was raised), logged again after
+#: `DENIED_LOG_S`, and counts as fixed once no poll was refused for `DENIED_CLEAR_S`.
+DENIED_POLL_S = 5.0
+DENIED_LOG_S = 30.0
+DENIED_CLEAR_S = 2 * DENIED_POLL_S
 
 
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -108,6 +114,16 @@ class Unreadable:
         return f"record batches cannot be read: {stuck}"
 
 
+@dataclass(slots=True, frozen=True)
+class _Refused:
+    """Polls are being refused for want of a permission: what is missing, when it was last
+    refused and last logged (monotonic)."""
+
+    text: str
+    last: float
+    logged: float
+
+
 class Fetcher:
     """Polls a consumer into a dispatcher, with pause-while-polling backpressure.
 
@@ -129,13 +145,18 @@ class Fetcher:
         stop: Callable[[], bool] = lambda: False,
         after_poll: Callable[[], Awaitable[None]] | None = None,
         report: Callable[[str | None], Awaitable[None]] | None = None,
+        denied: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
         """`report` is told when partitions get stuck at an unreadable batch (a fault for
-        health) and when none is any more (None)."""
+        health) and when none is any more (None); `denied` when the broker refuses fetches
+        (or the group's requests) for want of a permission, and when it no longer does."""
         resumer = asyncio.create_task(self._resume_on_room())
         unreadable = Unreadable()
+        refused: _Refused | None = None
         if report is not None:
             await report(None)
+        if denied is not None:
+            await denied(None)
         try:
             while not stop():
                 try:
@@ -143,12 +164,23 @@ class Fetcher:
                     # backlog's thresholds pause partitions.
                     fetched = await self.consumer.getmany(timeout_ms=200)
                 except KafkaError as exc:
+                    if permissions.is_denial(exc):
+                        refused = await self._refused(exc, refused, denied)
+                        await asyncio.sleep(DENIED_POLL_S)
+                        continue
                     log.warning(
                         "fetch failed; retrying",
                         extra={"subscription": self.config.name, "error": repr(exc)},
                     )
                     await asyncio.sleep(1)
                     continue
+                if refused is not None and (
+                    fetched or time.monotonic() - refused.last > DENIED_CLEAR_S
+                ):
+                    refused = None
+                    log.info("fetching is allowed again", extra={"subscription": self.config.name})
+                    if denied is not None:
+                        await denied(None)
                 corrupt = False
                 for tp, items in fetched.items():
                     for item in items:
@@ -170,6 +202,42 @@ class Fetcher:
                     await after_poll()
         finally:
             resumer.cancel()
+
+    async def _refused(
+        self,
+        exc: KafkaError,
+        refused: _Refused | None,
+        denied: Callable[[str | None], Awaitable[None]] | None,
+    ) -> _Refused:
+        """A poll the broker refused for want of a permission: aiokafka raises it from every
+        poll while it lasts (fetches: ReadData; the group's heartbeats and rejoins:
+        AlterGroup), and keeps retrying. Said at error level (again every `DENIED_LOG_S`),
+        and to health: records are not flowing and will not until the policy changes."""
+        group = self.config.group_id or ""
+        if permissions.denial_class(exc) == "GroupAuthorizationFailedError":
+            missing = [permissions.join_group(group)]
+        else:
+            topics = permissions.denied_topics(exc) or list(self.config.topics)
+            missing = [permissions.read_topic(topic) for topic in topics]
+        problem = permissions.PermissionDenied(missing)
+        now = time.monotonic()
+        if refused is None or refused.text != str(problem) or now - refused.logged > DENIED_LOG_S:
+            log.error(
+                f"subscription {self.config.name!r} cannot fetch: {problem}; retrying",
+                extra={
+                    "subscription": self.config.name,
+                    "group_id": group or None,
+                    "topics": self.config.topics,
+                    "error": repr(exc),
+                    **problem.fields(),
+                },
+            )
+            logged = now
+        else:
+            logged = refused.logged
+        if denied is not None and (refused is None or refused.text != str(problem)):
+            await denied(f"cannot fetch: {problem}")
+        return _Refused(str(problem), now, logged)
 
     def _corrupt(self, item: tap.Corrupt) -> None:
         log.error(
@@ -232,6 +300,8 @@ class GroupConsumer:
         self.consumer = self._new_consumer()
         #: With `transactions.enabled`: commits go through the partitions' transactions.
         self.transactions: Transactions | None = None
+        #: Told when polls are refused for want of a permission, and when no longer (health).
+        self.on_denied: Callable[[str | None], Awaitable[None]] | None = None
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         consumer = self.config.consumer
@@ -255,14 +325,20 @@ class GroupConsumer:
 
     async def missing_topics(self) -> list[str]:
         """Subscribed topics the cluster does not have. aiokafka would wait a request timeout
-        and fail with a bare UnknownTopicOrPartitionError; this names them at once."""
+        and fail with a bare UnknownTopicOrPartitionError; this names them at once. Topics the
+        principal may not describe look just the same in a listing: those raise
+        `PermissionDenied` (DescribeTopic) instead."""
         client = AIOKafkaClient(**self._client_kwargs)
         try:
             await client.bootstrap()
             metadata = await client.fetch_all_metadata()
+            missing = [topic for topic in self.config.topics if topic not in metadata.topics()]
+            hidden = await permissions.undescribable(client, missing) if missing else []
         finally:
             await client.close()
-        return [topic for topic in self.config.topics if topic not in metadata.topics()]
+        if hidden:
+            raise permissions.PermissionDenied(permissions.describe_topic(t) for t in hidden)
+        return missing
 
     async def start(self) -> None:
         """Joins the group. A consumer that left (or failed to start) is replaced: aiokafka
@@ -274,15 +350,35 @@ class GroupConsumer:
         self.consumer.subscribe(self.config.topics, listener=_Rebalance(self))
         try:
             await self.consumer.start()
-        except BaseException:
+        except BaseException as exc:
+            denied = self._denied(exc)
             await close_consumer(self.consumer)
+            if denied is not None:
+                raise denied from exc
             raise
 
+    def _denied(self, exc: BaseException) -> permissions.PermissionDenied | None:
+        """What joining lacks, if the broker refused it: aiokafka's GroupAuthorizationFailedError
+        does not say which request failed, but the coordinator does: not found yet means
+        FindCoordinator was refused (DescribeGroup), else the JoinGroup or SyncGroup was
+        (AlterGroup). A refused metadata request is DescribeTopic on the topics."""
+        kind = permissions.denial_class(exc)
+        group = self.config.group_id or ""
+        if kind == "GroupAuthorizationFailedError":
+            coordinator = self.consumer._coordinator
+            if coordinator is None or coordinator.coordinator_id is None:
+                return permissions.PermissionDenied([permissions.describe_group(group)])
+            return permissions.PermissionDenied([permissions.join_group(group)])
+        if kind == "TopicAuthorizationFailedError":
+            topics = permissions.denied_topics(exc) or list(self.config.topics)
+            return permissions.PermissionDenied(permissions.describe_topic(t) for t in topics)
+        return None
+
     async def run(self, report: Callable[[str | None], Awaitable[None]] | None = None) -> None:
-        """Fetches until stopped; `report` hears of partitions stuck at unreadable batches
-        (see `Fetcher.run`)."""
+        """Fetches until stopped; `report` hears of partitions stuck at unreadable batches,
+        `on_denied` of polls refused for want of a permission (see `Fetcher.run`)."""
         await Fetcher(self.consumer, self.dispatcher, self.config).run(
-            lambda: self._stopping or not self._fetching, report=report
+            lambda: self._stopping or not self._fetching, report=report, denied=self.on_denied
         )
 
     def stop_fetching(self) -> None:
@@ -325,6 +421,10 @@ class GroupConsumer:
         except (CommitFailedError, KafkaError) as exc:
             # Rebalancing or a broker hiccup: the ledger still holds it; next tick retries.
             self.stats.commit_failures += 1
+            if permissions.is_denial(exc):
+                # OffsetCommit needs READ on the group and on each topic.
+                self._commit_denied(exc, {tp[0] for tp in pending})
+                return
             log.info(
                 "commit deferred",
                 extra={"subscription": self.config.name, "error": repr(exc)},
@@ -339,6 +439,24 @@ class GroupConsumer:
             extra={
                 "subscription": self.config.name,
                 "offsets": {f"{t}:{p}": o for (t, p), o in pending.items()},
+            },
+        )
+
+    def _commit_denied(self, exc: BaseException, topics: set[str]) -> None:
+        group = self.config.group_id or ""
+        if permissions.denial_class(exc) == "GroupAuthorizationFailedError":
+            problem = permissions.PermissionDenied([permissions.join_group(group)])
+        else:
+            named = permissions.denied_topics(exc) or sorted(topics)
+            problem = permissions.PermissionDenied(permissions.read_topic(t) for t in named)
+        log.error(
+            f"subscription {self.config.name!r} cannot commit: {problem}; the records stay "
+            "uncommitted (a restart would deliver them again), retrying",
+            extra={
+                "subscription": self.config.name,
+                "group_id": group,
+                "error": repr(exc),
+                **problem.fields(),
             },
         )
 

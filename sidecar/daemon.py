@@ -12,7 +12,7 @@ import signal
 import time
 from typing import Any
 
-from sidecar import logs, metrics
+from sidecar import logs, metrics, permissions
 from sidecar.auth import AuthError, MskIamTokenProvider, client_kwargs
 from sidecar.config import SidecarConfig, SubscriptionConfig
 from sidecar.deadletters import DeadLetterError, DeadLetterWriter
@@ -66,6 +66,8 @@ class Sidecar:
 
     async def serve(self) -> int:
         config = self.config
+        # Missing permissions are worded for IAM (with this region) or for Kafka ACLs.
+        permissions.configure(config.kafka)
         token_provider = None
         if config.kafka.sasl_mechanism == "AWS_MSK_IAM":
             token_provider = MskIamTokenProvider(config.kafka.aws)
@@ -150,6 +152,7 @@ class Sidecar:
                 sub.group_id or "",
                 kwargs,
                 config_key=f"subscriptions[{index}].dead_letter.topic",
+                subscription=sub.name,
             )
             await writer.start()
         return GroupSubscription(sub, kwargs, writer, self._tracing)

@@ -58,6 +58,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 
+from sidecar import permissions
 from sidecar.inflight import Pending
 from sidecar.wire import Message
 
@@ -185,6 +186,9 @@ class FailingLetter:
     failures: int
     #: Wall-clock time (s since the epoch) of its first failure.
     since: float
+    #: For cause `authorization`: the permission the broker wants (`missing IAM permission
+    #: kafka-cluster:WriteData on arn:...`); "" otherwise.
+    missing: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -194,6 +198,8 @@ class _Entry:
     #: Current cause while failing, None while not.
     cause: str | None = None
     error: str = ""
+    #: The missing permission while failing for cause `authorization`.
+    missing: permissions.PermissionDenied | None = None
     failures: int = 0
     since: float = 0.0
     backoff: float = TRANSIENT_BACKOFF_S[0]
@@ -234,6 +240,7 @@ class DeadLetterWriter:
         client_kwargs: dict[str, Any],
         *,
         config_key: str,
+        subscription: str = "",
         max_in_flight: int = 64,
         permanent_retry_s: float = PERMANENT_RETRY_S,
         confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
@@ -244,6 +251,8 @@ class DeadLetterWriter:
         self.group_id = group_id
         self.max_in_flight = max_in_flight
         self._config_key = config_key
+        #: The subscription's name, for log lines ("" when not known).
+        self._subscription = subscription
         self._client_kwargs = client_kwargs
         self._permanent_retry_s = permanent_retry_s
         self._confirm_timeout_s = confirm_timeout_s
@@ -278,7 +287,16 @@ class DeadLetterWriter:
             await self.stop()
             raise DeadLetterError(f"{self._config_key}: cannot read topic metadata: {exc}") from exc
         if self.topic not in metadata.topics():
+            try:
+                hidden = await permissions.undescribable(gen.producer.client, [self.topic])
+            except KafkaError:
+                hidden = []
             await self.stop()
+            if hidden:
+                raise DeadLetterError(
+                    f"{self._config_key}: dead-letter topic {self.topic!r} cannot be described: "
+                    f"{permissions.describe_topic(self.topic)}"
+                )
             raise DeadLetterError(
                 f"{self._config_key}: dead-letter topic {self.topic!r} does not exist; create it "
                 "(the sidecar never creates topics)"
@@ -346,7 +364,12 @@ class DeadLetterWriter:
         """The letters currently failing, oldest first, with their cause."""
         return [
             FailingLetter(
-                entry.letter, entry.cause or TRANSIENT, entry.error, entry.failures, entry.since
+                entry.letter,
+                entry.cause or TRANSIENT,
+                entry.error,
+                entry.failures,
+                entry.since,
+                str(entry.missing) if entry.missing is not None else "",
             )
             for entry in self._failing
         ]
@@ -371,7 +394,8 @@ class DeadLetterWriter:
                 if not isinstance(exc, _REFUSED_BY_SEND):
                     # aiokafka's sender task died: the producer re-raises its error forever.
                     self._retire(gen, exc)
-                self._failed(entry, exc)
+                # A topic refused here was refused in metadata: DescribeTopic, not WriteData.
+                self._failed(entry, exc, describing=True)
                 return
             try:
                 await sent
@@ -455,12 +479,15 @@ class DeadLetterWriter:
         except Exception:
             log.exception("on_written failed", extra=self._fields(entry))
 
-    def _failed(self, entry: _Entry, exc: BaseException) -> None:
-        """Counts and logs a failed attempt and schedules the next one."""
+    def _failed(self, entry: _Entry, exc: BaseException, *, describing: bool = False) -> None:
+        """Counts and logs a failed attempt and schedules the next one. `describing`: the
+        producer refused it before sending, so a topic authorization error came from a
+        metadata request."""
         cause = classify(exc)
         self.failures[cause] += 1
         entry.failures += 1
         entry.error = repr(exc)
+        entry.missing = self._missing(exc, describing) if cause == AUTHORIZATION else None
         if entry.cause is None:
             entry.since = time.time()
             self._failing[entry] = None
@@ -475,6 +502,16 @@ class DeadLetterWriter:
         self._log_failure(entry, f"retrying in {delay:g} s")
         self._release(entry)
         entry.timer = asyncio.get_running_loop().call_later(delay, self._retry, entry)
+
+    def _missing(self, exc: BaseException, describing: bool) -> permissions.PermissionDenied:
+        """The permission an authorization error on a DLQ write stands for: WriteData on the
+        DLQ topic (the produce request), DescribeTopic (its metadata), or WriteDataIdempotently
+        (the idempotent producer's InitProducerId: ClusterAuthorizationFailedError)."""
+        if permissions.denial_class(exc) == "ClusterAuthorizationFailedError":
+            return permissions.PermissionDenied([permissions.idempotent_write()])
+        if describing:
+            return permissions.PermissionDenied([permissions.describe_topic(self.topic)])
+        return permissions.PermissionDenied([permissions.write_topic(self.topic)])
 
     async def _watch_attempts(self) -> None:
         """Flags attempts the broker has not confirmed within `confirm_timeout_s` (one sweep
@@ -510,6 +547,7 @@ class DeadLetterWriter:
         if entry.written or entry.failures != failures:
             return  # confirmed, or failed: a new round
         entry.cause = TRANSIENT
+        entry.missing = None
         entry.error = f"not confirmed by the broker after {self._confirm_timeout_s:g} s"
         self._log_failure(entry, "still waiting for the broker")
         asyncio.get_running_loop().call_later(
@@ -616,21 +654,28 @@ class DeadLetterWriter:
         if not self._log_budget.take():
             return
         suppressed = self._log_budget.suppressed()
+        why = f"{entry.cause} ({entry.error})"
+        extra: dict[str, object] = {}
+        if entry.missing is not None:
+            why = f"{entry.cause}: {entry.missing} ({self._config_key}; {entry.error})"
+            extra = {"config_key": self._config_key, **entry.missing.fields()}
         log.error(
-            f"dead-letter write failed for {_where(entry)} to {self.topic}: {entry.cause} "
-            f"({entry.error}); the record stays unsettled, {then}"
+            f"dead-letter write failed for {_where(entry)} to {self.topic}: {why}; the record "
+            f"stays unsettled, {then}"
             + (f" ({suppressed} similar lines suppressed)" if suppressed else ""),
             extra={
                 **self._fields(entry),
                 "cause": entry.cause,
                 "error": entry.error,
                 "failures": entry.failures,
+                **extra,
             },
         )
 
     def _fields(self, entry: _Entry) -> dict[str, object]:
         topic, partition = entry.letter.pending.tp
         return {
+            **({"subscription": self._subscription} if self._subscription else {}),
             "topic": topic,
             "partition": partition,
             "offset": entry.letter.pending.offset,

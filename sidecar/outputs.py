@@ -49,6 +49,7 @@ from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.structs import OffsetAndMetadata
 
 from kafkasidecar.v1 import consumer_pb2 as pb
+from sidecar import permissions
 from sidecar.config import SubscriptionConfig
 from sidecar.deadletters import classify
 from sidecar.inflight import Staged
@@ -196,7 +197,25 @@ class _Blame:
 
 
 def _reason(exc: BaseException) -> str:
+    denied = _denied(exc)
+    if denied is not None:
+        return f"its outputs could not be written (authorization: {denied}; {exc!r})"
     return f"its outputs could not be written ({classify(exc)}: {exc!r})"
+
+
+def _denied(exc: BaseException) -> permissions.PermissionDenied | None:
+    """The permission a refused output write lacks: WriteData on the topics the broker named
+    (a topic it would not even describe fails earlier, as UnknownTopicOrPartition after a
+    metadata timeout, or as TopicAuthorizationFailed with DescribeTopic missing as well), or
+    WriteDataIdempotently for the producer itself."""
+    kind = permissions.denial_class(exc)
+    if kind == "ClusterAuthorizationFailedError":
+        return permissions.PermissionDenied([permissions.idempotent_write()])
+    if kind == "TopicAuthorizationFailedError":
+        topics = permissions.denied_topics(exc)
+        if topics:
+            return permissions.PermissionDenied(permissions.write_topic(t) for t in topics)
+    return None
 
 
 def _where(staged: Staged) -> str:
@@ -263,10 +282,16 @@ class OutputWriter:
         failed.update(blame.guilty)
         for unit in staged:
             if unit in failed:
+                denied = _denied(failed[unit])
                 log.warning(
-                    f"outputs of the ack of {_where(unit)} could not be written; its records "
-                    "are delivered again",
-                    extra={"error": repr(failed[unit]), "cause": classify(failed[unit])},
+                    f"outputs of the ack of {_where(unit)} could not be written"
+                    + (f" ({denied})" if denied is not None else "")
+                    + "; its records are delivered again",
+                    extra={
+                        "error": repr(failed[unit]),
+                        "cause": classify(failed[unit]),
+                        **(denied.fields() if denied is not None else {}),
+                    },
                 )
                 self._sink.outputs_failed(unit, _reason(failed[unit]))
             elif unit in blame.shared:
@@ -397,13 +422,22 @@ class Transactions:
                 raise
             except Exception as exc:
                 await _close(producer)
-                await self._fail(
-                    tp,
-                    f"cannot start the transactional producer {self.transactional_id(tp)!r} "
-                    f"for {tp[0]}[{tp[1]}]: {exc!r} (MSK IAM needs kafka-cluster:"
-                    "DescribeTransactionalId and AlterTransactionalId on its transactional-id)",
-                    retry_in=backoff,
-                )
+                txn = self.transactional_id(tp)
+                problem = f"cannot start the transactional producer {txn!r} for {tp[0]}[{tp[1]}]"
+                fields: dict[str, object] = {"transactional_id": txn}
+                if permissions.is_denial(exc):
+                    # Every partition's id shares the prefix: grant them all at once.
+                    prefix = self.config.transactions.transactional_id_prefix
+                    denied = permissions.PermissionDenied(
+                        [permissions.transactional_ids(f"{prefix}.{self.group_id}.*")]
+                    )
+                    problem += (
+                        f": {denied} (transactions.transactional_id_prefix {prefix!r}; {exc!r})"
+                    )
+                    fields.update(denied.fields())
+                else:
+                    problem += f": {exc!r}"
+                await self._fail(tp, problem, retry_in=backoff, fields=fields)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, OPEN_RETRY_S[1])
         self._parts[tp] = _Partition(tp, producer)
@@ -416,12 +450,27 @@ class Transactions:
             log.exception("cannot take up a partition", extra={"partition": tp})
             self._fence(self._parts[tp], None)
 
-    async def _fail(self, tp: tuple[str, int], problem: str | None, retry_in: float = 0) -> None:
+    async def _fail(
+        self,
+        tp: tuple[str, int],
+        problem: str | None,
+        retry_in: float = 0,
+        fields: dict[str, object] | None = None,
+    ) -> None:
         if problem is None:
             if self._failing.pop(tp, None) is None:
                 return
         else:
-            log.error(problem, extra={"subscription": self.config.name, "retry_in_s": retry_in})
+            log.error(
+                problem,
+                extra={
+                    "subscription": self.config.name,
+                    "topic": tp[0],
+                    "partition": tp[1],
+                    "retry_in_s": retry_in,
+                    **(fields or {}),
+                },
+            )
             self._failing[tp] = problem
         await self._report("; ".join(self._failing.values()) or None)
 

@@ -25,12 +25,18 @@ from sidecar.inflight import Stats
 from sidecar.ledger import Ledger
 from sidecar.offsets import Change, OffsetsError, committed, selected_partitions, target_offsets
 from sidecar.outputs import OutputWriter, Transactions
+from sidecar.permissions import PermissionDenied
 from sidecar.snapshot import SnapshotReader
 from sidecar.stalls import Stalls
 from sidecar.tracing import Tracing
 from sidecar.wire import MODES
 
 log = logging.getLogger("sidecar.subscription")
+
+#: How often a subscription retries to join a group the broker refused it for want of a
+#: permission. Nothing but a policy change helps, and MSK applies one within a minute or so;
+#: retrying faster would only fill the log.
+DENIED_RETRY_S = 30.0
 
 HealthSetter = Callable[[bool], Awaitable[None]]
 
@@ -196,7 +202,7 @@ class GroupSubscription(Subscription):
             if not ok:
                 stuck = ", ".join(
                     f"{f.letter.pending.tp[0]}[{f.letter.pending.tp[1]}]@"
-                    f"{f.letter.pending.offset} ({f.cause})"
+                    f"{f.letter.pending.offset} ({f.cause}{': ' + f.missing if f.missing else ''})"
                     for f in writer.failing[:5]
                 )
                 fault = f"dead-letter writes failing: {stuck or 'unconfirmed'}"
@@ -217,6 +223,7 @@ class GroupSubscription(Subscription):
         exits 1 so it is restarted) instead of serving on with nothing fetched or committed.
         """
         dispatcher = self.dispatcher
+        self.consumer.on_denied = lambda fault: self._report(set_health, "permissions", fault)
         while True:
             await self._join(set_health)
             try:
@@ -307,7 +314,13 @@ class GroupSubscription(Subscription):
                 return
 
     async def _join(self, set_health: HealthSetter) -> None:
-        """Joins the group, retrying while the brokers are unreachable."""
+        """Joins the group, retrying while the brokers are unreachable.
+
+        A join the broker refuses for want of a permission (no AlterGroup, DescribeGroup or
+        DescribeTopic) is retried too, every `DENIED_RETRY_S`, with an error naming the IAM
+        action and ARN to grant, and health NOT_SERVING meanwhile: the sidecar stays up, so its
+        other subscriptions keep serving and a fixed policy takes effect without a restart
+        (a crash loop would say no more than the log and the health status already do)."""
         backoff = 1.0
         while True:
             try:
@@ -318,6 +331,22 @@ class GroupSubscription(Subscription):
                     )
                 await self.consumer.start()
                 break
+            except PermissionDenied as denied:
+                await self._report(set_health, "group", f"cannot join the group: {denied}")
+                log.error(
+                    f"subscription {self.name!r} cannot join group {self.config.group_id!r}: "
+                    f"{denied}; retrying in {DENIED_RETRY_S:g} s",
+                    extra={
+                        "subscription": self.name,
+                        "group_id": self.config.group_id,
+                        "topics": self.config.topics,
+                        "error": repr(denied.__cause__ or denied),
+                        "retry_in_s": DENIED_RETRY_S,
+                        **denied.fields(),
+                    },
+                )
+                await asyncio.sleep(DENIED_RETRY_S)
+                backoff = 1.0
             except Exception as exc:
                 await self._report(set_health, "group", "cannot join the group")
                 log.error(
@@ -353,10 +382,10 @@ class GroupSubscription(Subscription):
                 await self.dead_letters.stop()
 
     async def status(self) -> pb.SubscriptionStatus:
-        if not self.joined:
-            state = "idle: left the group until a stream attaches"
-        elif self.faults:
+        if self.faults:  # first: a join that keeps failing is not idleness
             state = "; ".join(self.faults.values())
+        elif not self.joined:
+            state = "idle: left the group until a stream attaches"
         else:
             state = "consuming" if self.dispatcher.streams else "waiting for a stream"
         status = self._base_status(state)

@@ -30,14 +30,16 @@ async def new_topic(
     made: list[str] = []
     prefix = request.node.name.split("[")[0].replace("_", "-")[:40]
 
-    async def make(partitions: int = 1, config: dict[str, str] | None = None) -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    async def make(
+        partitions: int = 1, config: dict[str, str] | None = None, name: str | None = None
+    ) -> str:
+        name = name or f"{prefix}-{uuid.uuid4().hex[:10]}"
         await admin.create_topics(
             [
                 NewTopic(
                     name,
                     num_partitions=partitions,
-                    replication_factor=1,
+                    replication_factor=kafka.replication_factor,
                     topic_configs=config or {},
                 )
             ]

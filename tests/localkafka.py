@@ -36,6 +36,23 @@ class LocalKafka:
     short_session_access_key_id: str
     short_session_secret_access_key: str
     short_session_ms: int
+    brokers: int = 1
+    #: Whether the broker runs scripts/local-kafka's MSK-like IAM authorizer (a broker started
+    #: before it existed does not, until it is restarted).
+    authorizer: bool = False
+    #: IAM keys the authorizer restricts by their policies (see scripts/local-kafka --help):
+    #: reads topics but may not join groups (no kafka-cluster:AlterGroup) ...
+    no_group_key: IamKey | None = None
+    #: ... all a sidecar needs, but WriteData is denied on the topics `no_dlq_topics` matches ...
+    no_dlq_key: IamKey | None = None
+    no_dlq_topics: str = "*.dlq"
+    #: ... all a sidecar needs but the transactional ids (no kafka-cluster:*TransactionalId).
+    no_txn_key: IamKey | None = None
+
+    @property
+    def replication_factor(self) -> int:
+        """Replicas of test topics: all three brokers of the three-broker bed, as MSK does."""
+        return min(self.brokers, 3)
 
     @classmethod
     def ensure_started(cls) -> LocalKafka:
@@ -63,6 +80,12 @@ class LocalKafka:
             short_session_access_key_id=env["KAFKA_IAM_SHORT_SESSION_ACCESS_KEY_ID"],
             short_session_secret_access_key=env["KAFKA_IAM_SHORT_SESSION_SECRET_ACCESS_KEY"],
             short_session_ms=int(env["KAFKA_IAM_SHORT_SESSION_MS"]),
+            brokers=int(env["KAFKA_BROKERS"]),
+            authorizer=env.get("KAFKA_IAM_AUTHORIZER") == "on",
+            no_group_key=IamKey.from_env(env, "NO_GROUP"),
+            no_dlq_key=IamKey.from_env(env, "NO_DLQ"),
+            no_dlq_topics=env.get("KAFKA_IAM_NO_DLQ_TOPICS") or "*.dlq",
+            no_txn_key=IamKey.from_env(env, "NO_TXN"),
         )
 
     def client_kwargs(self, listener: str, **overrides: Any) -> dict[str, Any]:
@@ -109,6 +132,26 @@ class LocalKafka:
             raise ValueError(f"unknown listener {listener!r}")
         kwargs.update(overrides)
         return kwargs
+
+
+@dataclass(frozen=True)
+class IamKey:
+    """One IAM access key of the local broker's validator."""
+
+    access_key_id: str
+    secret_access_key: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str], name: str) -> IamKey | None:
+        """`KAFKA_IAM_<name>_ACCESS_KEY_ID` and `..._SECRET_ACCESS_KEY`, if `env` has them."""
+        key_id = env.get(f"KAFKA_IAM_{name}_ACCESS_KEY_ID")
+        secret = env.get(f"KAFKA_IAM_{name}_SECRET_ACCESS_KEY")
+        return cls(key_id, secret) if key_id and secret else None
+
+    def client_kwargs(self, kafka: LocalKafka, **overrides: Any) -> dict[str, Any]:
+        """aiokafka client arguments for the IAM listener, authenticating with this key."""
+        provider = SignerTokenProvider(kafka.aws_region, self.access_key_id, self.secret_access_key)
+        return kafka.client_kwargs("iam", sasl_oauth_token_provider=provider, **overrides)
 
 
 class SignerTokenProvider(AbstractTokenProvider):  # type: ignore[misc]

@@ -28,10 +28,10 @@ BIN = Path(sys.executable).parent
 def kafka_section(kafka: LocalKafka, listener: str = "iam") -> dict[str, Any]:
     """The sidecar's `kafka:` config for one listener of the local broker."""
     if listener == "plaintext":
-        return {"bootstrap_servers": [kafka.plaintext]}
+        return {"bootstrap_servers": kafka.plaintext.split(",")}
     if listener == "iam":
         return {
-            "bootstrap_servers": [kafka.iam],
+            "bootstrap_servers": kafka.iam.split(","),
             "security_protocol": "SASL_SSL",
             "sasl_mechanism": "AWS_MSK_IAM",
             "aws": {"region": kafka.aws_region},
@@ -39,7 +39,7 @@ def kafka_section(kafka: LocalKafka, listener: str = "iam") -> dict[str, Any]:
         }
     if listener == "scram":
         return {
-            "bootstrap_servers": [kafka.scram],
+            "bootstrap_servers": kafka.scram.split(","),
             "security_protocol": "SASL_SSL",
             "sasl_mechanism": "SCRAM-SHA-512",
             "sasl_username": kafka.scram_username,

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 
 from sidecar.consumer import close_consumer
-from tests.localkafka import LocalKafka, SignerTokenProvider
+from tests.localkafka import SCRIPT, LocalKafka, SignerTokenProvider
 
 TopicFactory = Callable[..., Awaitable[str]]
 LISTENERS = ["plaintext", "ssl", "mtls", "scram", "iam"]
@@ -298,3 +299,18 @@ async def test_iam_consumer_rides_through_session_ends(
     finally:
         await producer.stop()
         await close_consumer(consumer)
+
+
+def test_the_other_bed_is_refused_while_one_runs(kafka: LocalKafka) -> None:
+    """Both beds take port 19092: asking for the other one says what to do instead of failing
+    on a busy port; broker commands name the brokers there are."""
+    other = "3" if kafka.brokers == 1 else "1"
+    run = subprocess.run([str(SCRIPT), "start", "--brokers", other], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert f"a {kafka.brokers}-broker test bed runs here" in run.stderr
+    assert "'scripts/local-kafka stop' first" in run.stderr
+    run = subprocess.run(
+        [str(SCRIPT), "kill-broker", str(kafka.brokers)], capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert f"no broker {kafka.brokers}: brokers are numbered 0 to {kafka.brokers - 1}" in run.stderr
