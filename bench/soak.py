@@ -177,7 +177,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     task.cancel()
         progress("load done; waiting for the last commits")
         await load.finish()
-        refreshes = metric(metrics, "kafka_sidecar_token_refreshes_total")
+        refreshes = await metric(metrics, "kafka_sidecar_token_refreshes_total")
     finally:
         load.stop()
         sidecar.stop()

@@ -15,7 +15,6 @@ import itertools
 import json
 import random
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from kafkasidecar.v1 import consumer_pb2 as pb
 from tests.localkafka import SCRIPT, LocalKafka, committed_offsets, end_offsets
 from tests.sidecarproc import AppStream, SidecarProcess
+from tests.test_metrics import scrape
 
 #: A record of the load's topic: (partition, offset).
 Key = tuple[int, int]
@@ -142,7 +142,7 @@ class Load:
     async def start(self, flowing: int = 5_000) -> None:
         """Starts producing and consuming; returns once `flowing` records were delivered."""
         self.started = time.monotonic()
-        self.reconnects = -metric(self.metrics, "kafka_sidecar_broker_reconnects_total")
+        self.reconnects = -await metric(self.metrics, "kafka_sidecar_broker_reconnects_total")
         self._tasks = [asyncio.create_task(self.produce()), asyncio.create_task(self.consume())]
         async with asyncio.timeout(120):
             while len(self.deliveries) < flowing:
@@ -153,7 +153,7 @@ class Load:
         commits reach the end offsets (Kafka's view)."""
         await self._tasks[0]
         await self.wait_done(timeout)
-        self.reconnects += metric(self.metrics, "kafka_sidecar_broker_reconnects_total")
+        self.reconnects += await metric(self.metrics, "kafka_sidecar_broker_reconnects_total")
 
     def stop(self) -> None:
         for task in self._tasks:
@@ -300,11 +300,6 @@ class Load:
         return line
 
 
-def metric(address: str, name: str) -> float:
+async def metric(address: str, name: str) -> float:
     """One unlabelled sample from the sidecar's /metrics."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    return (await scrape(address))[(name, ())]
