@@ -61,13 +61,20 @@ class Cluster:
         await admin.start()
         return admin
 
-    async def partitions(self, topics: Iterable[str]) -> list[dict[str, Any]]:
+    async def partitions(self, topics: Iterable[str], timeout: float = 30) -> list[dict[str, Any]]:
+        """Every partition of `topics`. A broker that has not yet heard of a topic made a moment
+        ago answers UNKNOWN_TOPIC_OR_PARTITION with no partitions: ask again until all are known."""
+        topics = list(topics)
         admin = await self._admin()
         try:
-            described = await admin.describe_topics(list(topics))
+            async with asyncio.timeout(timeout):
+                while True:
+                    described = await admin.describe_topics(topics)
+                    if all(t["error_code"] == 0 and t["partitions"] for t in described):
+                        return [p for topic in described for p in topic["partitions"]]
+                    await asyncio.sleep(0.2)
         finally:
             await admin.close()
-        return [p for topic in described for p in topic["partitions"]]
 
     async def leaders(self, topic: str) -> Counter[int]:
         """How many of the topic's partitions each broker leads."""
