@@ -183,7 +183,9 @@ def reset_offsets(args: argparse.Namespace) -> int:
 
 
 def _offline_reset(args: argparse.Namespace, request: pb.ResetOffsetsRequest) -> int:
-    from sidecar.auth import AuthError, client_kwargs
+    from aiokafka.errors import KafkaConnectionError
+
+    from sidecar.auth import AuthError, client_kwargs, connection_failure
     from sidecar.offsets import OffsetsError, offline_reset
 
     if not args.config:
@@ -201,7 +203,12 @@ def _offline_reset(args: argparse.Namespace, request: pb.ResetOffsetsRequest) ->
         )
 
     async def run() -> list[tuple[str, int, int, int]]:
-        changes = await offline_reset(client_kwargs(config.kafka), args.group, topics, request)
+        kwargs = client_kwargs(config.kafka)
+        try:
+            changes = await offline_reset(kwargs, args.group, topics, request)
+        except KafkaConnectionError as exc:
+            why, _ = await connection_failure(exc, kwargs)
+            raise OffsetsError(f"cannot reach Kafka: {why}") from exc
         return [(c.topic, c.partition, c.old, c.new) for c in changes]
 
     try:

@@ -22,13 +22,15 @@ from typing import Any
 
 import botocore.session
 from aiokafka.abc import AbstractTokenProvider
-from aiokafka.errors import KafkaError
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, Credentials
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
 
+from sidecar import permissions
 from sidecar.config import AwsConfig, KafkaConfig, SslConfig
 
 log = logging.getLogger("sidecar.auth")
@@ -88,6 +90,73 @@ def client_kwargs(
     return kwargs
 
 
+class SignInRefused(AuthError):
+    """A broker refused the sidecar's SASL sign-in.
+
+    aiokafka logs the refusal as one more connection failure and then fails with "Unable to
+    bootstrap", which reads like a network fault; on MSK the broker's own words are just
+    "Access denied". This says what an operator checks: for IAM the role's
+    `kafka-cluster:Connect`, the region the token is signed for and whose credentials signed
+    it; for SCRAM the user and its secret."""
+
+    def __init__(self, message: str, fields: dict[str, object]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+async def connection_failure(
+    exc: KafkaConnectionError, kwargs: dict[str, Any]
+) -> tuple[str, dict[str, object]]:
+    """aiokafka's "Unable to bootstrap" in words that say what to look at, with log fields:
+    a refused sign-in (`sign_in_refusal`) or brokers that cannot be reached at all."""
+    if refused := await sign_in_refusal(kwargs):
+        return str(refused), refused.fields
+    if "Unable to bootstrap" in str(exc):
+        servers = ", ".join(kwargs["bootstrap_servers"])
+        return f"no broker of kafka.bootstrap_servers ({servers}) can be reached", {}
+    return str(exc), {}
+
+
+async def sign_in_refusal(kwargs: dict[str, Any]) -> SignInRefused | None:
+    """Why aiokafka could not bootstrap with `kwargs` (`client_kwargs`), if a broker refused
+    the sign-in: connects to each bootstrap address as aiokafka would. None if none refused
+    (unreachable, or reachable again). Only called after a failed bootstrap: not a hot path."""
+    connect = {k: v for k, v in kwargs.items() if k != "bootstrap_servers"}
+    for host, port, _ in collect_hosts(kwargs["bootstrap_servers"], randomize=False):
+        try:
+            conn = await create_conn(host, port, **connect)
+        except SaslAuthenticationFailed as exc:
+            return _refused(f"{host}:{port}", exc, kwargs)
+        except (OSError, KafkaError, TimeoutError):
+            continue
+        conn.close()
+    return None
+
+
+def _refused(address: str, exc: BaseException, kwargs: dict[str, Any]) -> SignInRefused:
+    said = _one_line(exc)
+    provider = kwargs.get("sasl_oauth_token_provider")
+    if isinstance(provider, MskIamTokenProvider):
+        provider.refused()
+        connect = permissions.connect()
+        return SignInRefused(
+            f"broker {address} refused the sidecar's MSK IAM sign-in ({said}). MSK says "
+            f"'Access denied' when the role is not allowed {connect.actions[0]} on "
+            f"{connect.arn}, when the token is signed for another region than the cluster's "
+            "(kafka.aws.region) or when the credentials are not valid (kafka.aws). The token "
+            f"was signed with {provider.signed_with or 'no credentials yet'}",
+            {"broker": address, "iam_actions": connect.actions, "resource_arns": [connect.arn]},
+        )
+    mechanism = kwargs.get("sasl_mechanism")
+    user = kwargs.get("sasl_plain_username")
+    return SignInRefused(
+        f"broker {address} refused the sidecar's {mechanism} sign-in as {user!r} ({said}). "
+        "Check kafka.sasl_username and kafka.sasl_password (on MSK, the user and password of "
+        "an AmazonMSK_ secret associated with the cluster)",
+        {"broker": address, "sasl_mechanism": mechanism, "sasl_username": user},
+    )
+
+
 def _ssl_context(tls: SslConfig) -> ssl.SSLContext:
     context: ssl.SSLContext = create_ssl_context(
         cafile=tls.cafile,
@@ -118,6 +187,8 @@ def _sasl_kwargs(kafka: KafkaConfig, token_provider: MskIamTokenProvider | None)
 class _Signed:
     token: str
     expires_at: float
+    access_key_id: str
+    region: str
 
 
 class _Resolved(CredentialProvider):  # type: ignore[misc]
@@ -157,6 +228,10 @@ class MskIamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         self.refreshes = 0
         #: Signing attempts that failed (no credentials, STS errors), for metrics.
         self.failures = 0
+        #: Whose token the broker sees (the access key id, never the secret), where the
+        #: credentials came from and the region signed for: what an operator checks first when
+        #: the broker refuses the sign-in ("" before the first token).
+        self.signed_with = ""
         self._signing: asyncio.Task[str] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
@@ -186,6 +261,13 @@ class MskIamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
                 self._refresh_ahead(), name="msk-iam-token-refresher"
             )
         return token
+
+    def refused(self) -> None:
+        """A broker refused a sign-in with the current token: the next connection gets a token
+        signed afresh, so that fixed or rotated credentials take effect without a restart (a
+        token signed with revoked credentials never gets better; a policy fix would not need
+        it, and costs one signing per join attempt meanwhile)."""
+        self._token = None
 
     async def close(self) -> None:
         """Stops background refreshing; later token() calls still work, signing on demand."""
@@ -228,6 +310,9 @@ class MskIamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
                 f"kafka.aws: could not sign an MSK IAM token ({type(e).__name__}: {_one_line(e)})"
             ) from e
         self._token, self.expires_at = signed.token, signed.expires_at
+        self.signed_with = (
+            f"access key {signed.access_key_id} ({self._source()}), region {signed.region}"
+        )
         self.refreshes += 1
         log.info(
             "kafka.aws: new MSK IAM token from %s, valid until %s",
@@ -272,7 +357,7 @@ class MskIamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         if credentials_expire_at is not None:
             # The signature is only as good as the (temporary) credentials behind it.
             expires_at = min(expires_at, credentials_expire_at)
-        return _Signed(str(token), expires_at)
+        return _Signed(str(token), expires_at, credentials.access_key, region)
 
     def _credentials(self) -> tuple[Credentials, float | None, str]:
         """Resolves credentials afresh, as the signer's own entry points do, but with errors

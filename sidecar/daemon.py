@@ -12,6 +12,8 @@ import signal
 import time
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from sidecar import logs, metrics, permissions
 from sidecar.auth import AuthError, MskIamTokenProvider, client_kwargs
 from sidecar.config import SidecarConfig, SubscriptionConfig
@@ -154,7 +156,16 @@ class Sidecar:
                 config_key=f"subscriptions[{index}].dead_letter.topic",
                 subscription=sub.name,
             )
-            await writer.start()
+            try:
+                await writer.start()
+            except KafkaError as exc:
+                # Not a configuration error: a sidecar that starts before the brokers can be
+                # reached (or while they refuse it) serves, NOT_SERVING, and checks again.
+                log.warning(
+                    "cannot check the dead-letter topic yet; the subscription checks it before "
+                    "it joins its group",
+                    extra={"subscription": sub.name, "dlq_topic": writer.topic, "error": repr(exc)},
+                )
         return GroupSubscription(sub, kwargs, writer, self._tracing)
 
     async def _shutdown(

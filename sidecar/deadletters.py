@@ -271,6 +271,8 @@ class DeadLetterWriter:
         self._on_written: Callable[[DeadLetter], None] | None = None
         self._partitioner = DefaultPartitioner()
         self._log_budget = _LogBudget()
+        #: Whether `start` found the topic (False until the brokers could be asked).
+        self.checked = False
         #: Letters the broker confirmed.
         self.written = 0
         #: Failed write attempts, by cause (kafka_sidecar_dead_letter_failures_total).
@@ -279,13 +281,14 @@ class DeadLetterWriter:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connects, and checks that the DLQ topic exists (the sidecar never creates topics)."""
+        """Connects, and checks that the DLQ topic exists (the sidecar never creates topics).
+
+        A topic that is missing, or that the sidecar may not describe, is a DeadLetterError (a
+        configuration error, naming the key). Brokers it cannot reach, or that refuse its
+        sign-in, raise aiokafka's KafkaError and leave the topic `checked` False: the
+        subscription checks again before it joins its group, not SERVING meanwhile."""
         gen = await self._generation(self._main)
-        try:
-            metadata = await gen.producer.client.fetch_all_metadata()
-        except KafkaError as exc:
-            await self.stop()
-            raise DeadLetterError(f"{self._config_key}: cannot read topic metadata: {exc}") from exc
+        metadata = await gen.producer.client.fetch_all_metadata()
         if self.topic not in metadata.topics():
             try:
                 hidden = await permissions.undescribable(gen.producer.client, [self.topic])
@@ -301,6 +304,7 @@ class DeadLetterWriter:
                 f"{self._config_key}: dead-letter topic {self.topic!r} does not exist; create it "
                 "(the sidecar never creates topics)"
             )
+        self.checked = True
 
     async def stop(self) -> None:
         """Stops writing and closes the producers. Letters not yet confirmed stay unsettled

@@ -44,6 +44,8 @@ ACTIONS: dict[tuple[str, str], str] = {
     ("DESCRIBE", "transactional-id"): "kafka-cluster:DescribeTransactionalId",
     ("WRITE", "transactional-id"): "kafka-cluster:AlterTransactionalId",
     ("IDEMPOTENT_WRITE", "cluster"): "kafka-cluster:WriteDataIdempotently",
+    # Not a Kafka ACL operation: MSK checks it when a client signs in (SASL), before any request.
+    ("CONNECT", "cluster"): "kafka-cluster:Connect",
 }
 
 
@@ -141,6 +143,11 @@ def describe_topic(topic: str) -> Missing:
 def idempotent_write() -> Missing:
     """InitProducerId of an idempotent producer: IDEMPOTENT_WRITE on the cluster."""
     return Missing(("IDEMPOTENT_WRITE",), "cluster")
+
+
+def connect() -> Missing:
+    """Signing in at all (MSK IAM): Connect on the cluster."""
+    return Missing(("CONNECT",), "cluster")
 
 
 def transactional_ids(pattern: str) -> Missing:

@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from kafkasidecar.v1 import consumer_pb2 as pb
+from sidecar.auth import connection_failure
 from sidecar.config import SubscriptionConfig
 from sidecar.consumer import GroupConsumer
-from sidecar.deadletters import DeadLetterWriter
+from sidecar.deadletters import DeadLetterError, DeadLetterWriter
 from sidecar.dispatcher import Dispatcher, Stream
 from sidecar.inflight import Stats
 from sidecar.ledger import Ledger
@@ -141,6 +143,7 @@ class GroupSubscription(Subscription):
         super().__init__(config)
         self.ledger = Ledger()
         self.dead_letters = dead_letters
+        self._client_kwargs = client_kwargs
         self.dispatcher = Dispatcher(
             config,
             self.ledger,
@@ -313,6 +316,16 @@ class GroupSubscription(Subscription):
             except TimeoutError:
                 return
 
+    async def _join_failure(self, exc: Exception) -> tuple[str, dict[str, object]]:
+        """What kept the group from being joined, for the status and the log line: aiokafka's
+        "Unable to bootstrap" says neither which setting to look at nor whether the brokers
+        answered at all, so a refused sign-in is told apart (by asking again) and named."""
+        if isinstance(exc, KafkaConnectionError):
+            return await connection_failure(exc, self._client_kwargs)
+        if isinstance(exc, LookupError | DeadLetterError | KafkaError):
+            return str(exc), {}  # KafkaError's own str() starts with its class name
+        return f"{type(exc).__name__}: {exc}", {}
+
     async def _join(self, set_health: HealthSetter) -> None:
         """Joins the group, retrying while the brokers are unreachable.
 
@@ -324,6 +337,8 @@ class GroupSubscription(Subscription):
         backoff = 1.0
         while True:
             try:
+                if self.dead_letters is not None and not self.dead_letters.checked:
+                    await self.dead_letters.start()
                 if missing := await self.consumer.missing_topics():
                     raise LookupError(
                         f"subscription {self.name!r}: topics {missing} do not exist (the "
@@ -348,13 +363,15 @@ class GroupSubscription(Subscription):
                 await asyncio.sleep(DENIED_RETRY_S)
                 backoff = 1.0
             except Exception as exc:
-                await self._report(set_health, "group", "cannot join the group")
+                why, fields = await self._join_failure(exc)
+                await self._report(set_health, "group", f"cannot join the group: {why}")
                 log.error(
-                    "cannot join the group; retrying",
+                    f"cannot join the group: {why}; retrying",
                     extra={
                         "subscription": self.name,
-                        "error": str(exc) if isinstance(exc, LookupError) else repr(exc),
+                        "error": repr(exc),
                         "retry_in_s": backoff,
+                        **fields,
                     },
                 )
                 await asyncio.sleep(backoff)

@@ -46,8 +46,10 @@ class LocalKafka:
     #: ... all a sidecar needs, but WriteData is denied on the topics `no_dlq_topics` matches ...
     no_dlq_key: IamKey | None = None
     no_dlq_topics: str = "*.dlq"
-    #: ... all a sidecar needs but the transactional ids (no kafka-cluster:*TransactionalId).
+    #: ... all a sidecar needs but the transactional ids (no kafka-cluster:*TransactionalId) ...
     no_txn_key: IamKey | None = None
+    #: ... everything but kafka-cluster:Connect: its sign-in is refused, as on MSK.
+    no_connect_key: IamKey | None = None
 
     @property
     def replication_factor(self) -> int:
@@ -86,6 +88,7 @@ class LocalKafka:
             no_dlq_key=IamKey.from_env(env, "NO_DLQ"),
             no_dlq_topics=env.get("KAFKA_IAM_NO_DLQ_TOPICS") or "*.dlq",
             no_txn_key=IamKey.from_env(env, "NO_TXN"),
+            no_connect_key=IamKey.from_env(env, "NO_CONNECT"),
         )
 
     def client_kwargs(self, listener: str, **overrides: Any) -> dict[str, Any]:

@@ -127,7 +127,14 @@ final class IamPolicies {
 
     /** Evaluates one action on one resource for a key, as IAM would for MSK. */
     Decision decide(String accessKeyId, String action, Resource resource) {
-        List<Statement> statements = current().get(accessKeyId);
+        return evaluate(current().get(accessKeyId), action, resource);
+    }
+
+    /**
+     * Evaluates one action on one resource under a key's statements ({@code null}: the key has
+     * no policy). Static for the validator, which reads the key file itself at every sign-in.
+     */
+    static Decision evaluate(List<Statement> statements, String action, Resource resource) {
         if (statements == null) {
             return Decision.UNRESTRICTED;
         }

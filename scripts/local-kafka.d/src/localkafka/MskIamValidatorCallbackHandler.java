@@ -48,6 +48,9 @@ import org.slf4j.LoggerFactory;
  * {@code key.<accessKeyId>.max_session_ms=<ms>} to cap the sessions of that key, so one broker can
  * serve both normal and short-session clients.
  *
+ * <p>Keys with policy lines (see {@link IamPolicies}) must be allowed {@code kafka-cluster:Connect}
+ * on the cluster to sign in at all, as on MSK.
+ *
  * <p>JAAS options: {@code credentialsFile} (required), {@code region} (required).
  */
 public final class MskIamValidatorCallbackHandler implements AuthenticateCallbackHandler {
@@ -203,6 +206,20 @@ public final class MskIamValidatorCallbackHandler implements AuthenticateCallbac
         if (!MessageDigest.isEqual(expected.getBytes(StandardCharsets.US_ASCII),
                 signature.getBytes(StandardCharsets.US_ASCII))) {
             throw new InvalidToken("signature mismatch for access key " + accessKeyId);
+        }
+
+        // As on MSK, a role whose policy does not allow kafka-cluster:Connect on the cluster
+        // cannot sign in at all, whatever else it may do: "Access denied" at authentication.
+        IamPolicies.Decision connect;
+        try {
+            connect = IamPolicies.evaluate(
+                    IamPolicies.parse(keys).get(accessKeyId), ACTION, new IamPolicies.Resource("cluster", ""));
+        } catch (IllegalArgumentException e) {
+            throw new InvalidToken("Access denied: unreadable policy: " + e.getMessage());
+        }
+        if (!connect.allowed) {
+            throw new InvalidToken("Access denied: the policy of " + accessKeyId + " does not allow "
+                    + ACTION + " on the cluster (" + connect + ")");
         }
 
         long lifetimeMs = expiryMs;

@@ -1,0 +1,183 @@
+"""A sidecar the brokers refuse at sign-in, or cannot be reached at all: it stays up, NOT_SERVING,
+says why in words an operator can act on (aiokafka says only "Unable to bootstrap", MSK only
+"Access denied"), and recovers without a restart once the cause is fixed."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import SaslAuthenticationFailed
+from grpc_health.v1 import health_pb2
+
+from tests.clienttools import produce
+from tests.harness import wait_committed
+from tests.localkafka import IamKey, LocalKafka, SignerTokenProvider
+from tests.sidecarproc import AppStream, SidecarProcess, aws_env, group_subscription, kafka_section
+from tests.test_failures import health_of, wait_health
+from tests.test_local_kafka import iam_connect
+from tests.test_offsets import cli, consume_all
+from tests.test_permissions import restricted, state_of, wait_log
+
+TopicFactory = Callable[..., Awaitable[str]]
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def credentials_file(path: Path, key: IamKey) -> None:
+    """A shared credentials file whose default profile is `key`: the sidecar reads it afresh at
+    every signing, as it would a rotated IRSA or Pod Identity credential."""
+    path.write_text(
+        f"[default]\naws_access_key_id = {key.access_key_id}\n"
+        f"aws_secret_access_key = {key.secret_access_key}\n"
+    )
+
+
+def nowhere() -> str:
+    """An address nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def wrong_scram_password(kafka: LocalKafka) -> dict[str, object]:
+    return {**kafka_section(kafka, "scram"), "sasl_password": "not-the-password"}
+
+
+async def test_a_role_without_connect_cannot_sign_in(kafka: LocalKafka) -> None:
+    """As on MSK: everything allowed but kafka-cluster:Connect is no access at all."""
+    key = restricted(kafka, kafka.no_connect_key)
+    with pytest.raises(SaslAuthenticationFailed):
+        await iam_connect(
+            kafka, SignerTokenProvider(kafka.aws_region, key.access_key_id, key.secret_access_key)
+        )
+
+
+async def test_a_refused_iam_sign_in_names_connect_and_recovers_when_the_credentials_change(
+    kafka: LocalKafka, new_topic: TopicFactory, producer: AIOKafkaProducer, tmp_path: Path
+) -> None:
+    """Refused at sign-in (a role without Connect), with a dead-letter topic configured: the
+    sidecar does not exit, its subscription is NOT_SERVING and its status and log name the
+    permission, the cluster ARN and the access key that signed. New credentials in the file
+    take effect at the next attempt; the dead-letter topic, which could not be checked at
+    start, is checked then (missing: named, and waited for), and everything is delivered."""
+    refused_key = restricted(kafka, kafka.no_connect_key)
+    topic = await new_topic()
+    dlq = f"{topic}.dlq"
+    await produce(producer, topic, 5)
+    sub = group_subscription("refused", topic, dead_letter={"topic": dlq})
+    creds = tmp_path / "credentials"
+    credentials_file(creds, refused_key)
+    env = aws_env(kafka)
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
+    arn = f"arn:aws:kafka:{kafka.aws_region}:*:cluster/*/*"
+    sidecar = SidecarProcess(kafka, [sub], env=env).start()
+    try:
+        line = await wait_log(
+            sidecar, lambda e: "refused the sidecar's MSK IAM sign-in" in e.get("msg", "")
+        )
+        assert line["level"] == "error"
+        assert line.get("msg", "").startswith("cannot join the group: broker ")
+        assert f"not allowed kafka-cluster:Connect on {arn}" in line.get("msg", "")
+        assert f"signed with access key {refused_key.access_key_id}" in line.get("msg", "")
+        assert line["iam_actions"] == ["kafka-cluster:Connect"]
+        assert line["resource_arns"] == [arn]
+        assert refused_key.secret_access_key not in sidecar.logs()
+        await wait_health(sidecar, "refused", NOT_SERVING, 30)
+        assert await health_of(sidecar, "") == NOT_SERVING
+        state = (await state_of(sidecar, "refused")).state
+        assert "refused the sidecar's MSK IAM sign-in" in state
+        assert f"kafka-cluster:Connect on {arn}" in state
+        assert sidecar.proc is not None
+        assert sidecar.proc.poll() is None, "it stays up, retrying"
+
+        # The fix: credentials the broker accepts. The dead-letter topic is checked now.
+        credentials_file(creds, IamKey(kafka.aws_access_key_id, kafka.aws_secret_access_key))
+        await wait_log(
+            sidecar, lambda e: f"dead-letter topic {dlq!r} does not exist" in e.get("msg", "")
+        )
+        state = (await state_of(sidecar, "refused")).state
+        assert "subscriptions[0].dead_letter.topic" in state
+        await new_topic(name=dlq)
+        await sidecar.wait_serving("refused")
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            app = AppStream(channel)
+            await app.open("refused")
+            records = await consume_all(app, 5)
+            await wait_committed(kafka, sub["group_id"], topic)
+            app.close()
+        assert sorted(r.offset for r in records) == list(range(5))
+    finally:
+        sidecar.stop()
+
+
+async def test_a_refused_scram_sign_in_names_the_user_and_the_password_key(
+    kafka: LocalKafka, new_topic: TopicFactory
+) -> None:
+    topic = await new_topic()
+    sub = group_subscription("scram", topic)
+    sidecar = SidecarProcess(kafka, [sub], extra={"kafka": wrong_scram_password(kafka)}).start()
+    try:
+        line = await wait_log(sidecar, lambda e: "refused the sidecar's" in e.get("msg", ""))
+        assert f"SCRAM-SHA-512 sign-in as {kafka.scram_username!r}" in line.get("msg", "")
+        assert "kafka.sasl_username and kafka.sasl_password" in line.get("msg", "")
+        assert "not-the-password" not in sidecar.logs()
+        await wait_health(sidecar, "scram", NOT_SERVING, 30)
+        assert "SCRAM-SHA-512 sign-in" in (await state_of(sidecar, "scram")).state
+    finally:
+        sidecar.stop()
+
+
+async def test_brokers_unreachable_at_start_with_a_dead_letter_topic_is_not_serving_not_a_crash(
+    kafka: LocalKafka,
+) -> None:
+    """Before, a dead-letter topic made a sidecar that started before its brokers could be
+    reached (a pod whose network comes up a moment later) exit with a traceback; without one it
+    waited. Now both wait, NOT_SERVING, and say which setting to look at."""
+    address = nowhere()
+    sub = group_subscription("nowhere", f"t-{uuid.uuid4().hex[:8]}", dead_letter={"topic": "x.dlq"})
+    sidecar = SidecarProcess(kafka, [sub], extra={"kafka": {"bootstrap_servers": [address]}})
+    sidecar.start()
+    try:
+        line = await wait_log(
+            sidecar, lambda e: e.get("msg", "").startswith("cannot join the group")
+        )
+        assert line["level"] == "error"
+        assert f"no broker of kafka.bootstrap_servers ({address}) can be reached" in line.get(
+            "msg", ""
+        )
+        await wait_health(sidecar, "nowhere", NOT_SERVING, 30)
+        state = (await state_of(sidecar, "nowhere")).state
+        unreachable = f"no broker of kafka.bootstrap_servers ({address}) can be reached"
+        assert state == f"cannot join the group: {unreachable}"
+        assert "Traceback" not in sidecar.logs()
+        assert sidecar.proc is not None
+        assert sidecar.proc.poll() is None
+    finally:
+        sidecar.stop()
+    assert sidecar.wait() == 0
+
+
+@pytest.mark.parametrize("fault", ["sign-in refused", "unreachable"])
+def test_an_offline_offset_reset_says_why_it_cannot_reach_kafka(
+    kafka: LocalKafka, fault: str
+) -> None:
+    """`reset-offsets --group` talks to Kafka itself: the same words, exit 1, no traceback."""
+    if fault == "unreachable":
+        section: dict[str, object] = {"bootstrap_servers": [nowhere()]}
+        words = "no broker of kafka.bootstrap_servers"
+    else:
+        section, words = wrong_scram_password(kafka), "refused the sidecar's SCRAM-SHA-512 sign-in"
+    sub = group_subscription("reset", f"t-{uuid.uuid4().hex[:8]}")
+    config = SidecarProcess(kafka, [sub], extra={"kafka": section}).config_path
+    run = cli("reset-offsets", "--config", str(config), "--group", sub["group_id"], "--to-earliest")
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]  # after aiokafka's own line
+    assert last.startswith("kafka-sidecar: cannot reach Kafka: "), run.stderr
+    assert words in last
+    assert "Traceback" not in run.stderr
