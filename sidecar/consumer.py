@@ -471,6 +471,13 @@ class GroupConsumer:
         await close_consumer(self.consumer)
         self.dispatcher.revoke(self.dispatcher.assigned)
 
+    def coordinator_known(self) -> bool:
+        """Whether aiokafka knows the group's coordinator: it forgets it when a heartbeat or
+        commit fails, and finds the new one within seconds when a broker restarts or fails
+        over; unknown for long, no broker answers."""
+        coordinator = self.consumer._coordinator
+        return coordinator is not None and coordinator.coordinator_id is not None
+
     def rejoin(self) -> None:
         """Asks for a new group generation (a partition's transactional producer was
         fenced: a zombie learns it lost its partitions, a live member gets them back)."""

@@ -39,6 +39,12 @@ log = logging.getLogger("sidecar.subscription")
 #: permission. Nothing but a policy change helps, and MSK applies one within a minute or so;
 #: retrying faster would only fill the log.
 DENIED_RETRY_S = 30.0
+#: The group's coordinator unknown this long means no broker answers: the subscription is not
+#: SERVING, though it stays in its group. Longer than any broker failover (a SIGKILLed broker's
+#: leaders move in ~10 s), shorter than the two minutes of NOT_SERVING that liveness allows.
+COORDINATOR_LOST_S = 30.0
+#: How long `status` waits for Kafka's figures (offsets, lag) before answering without them.
+STATUS_KAFKA_S = 3.0
 
 HealthSetter = Callable[[bool], Awaitable[None]]
 
@@ -236,14 +242,17 @@ class GroupSubscription(Subscription):
                     )
                     committing = work.create_task(self.consumer.commit_loop())
                     watching = work.create_task(self._watch_stalls())
+                    coordinator = work.create_task(self._watch_coordinator(set_health))
                     await self._wait_detached(self.config.detach_timeout_ms / 1000)
                     fetching.cancel()
                     committing.cancel()
                     watching.cancel()
+                    coordinator.cancel()
             except BaseExceptionGroup as failed:
                 await self._report(set_health, "group", f"failed: {failed.exceptions[0]!r}")
                 # The first failure, as itself: the daemon logs it and exits 1.
                 raise failed.exceptions[0] from failed
+            await self._report(set_health, "coordinator", None)  # out of the group: moot
             await self.consumer.stop()
             self.joined = False
             log.info(
@@ -256,6 +265,36 @@ class GroupSubscription(Subscription):
             while not dispatcher.streams:
                 dispatcher.streams_changed.clear()
                 await dispatcher.streams_changed.wait()
+
+    async def _watch_coordinator(self, set_health: HealthSetter) -> None:
+        """NOT_SERVING while the group's coordinator stays unknown (`COORDINATOR_LOST_S`):
+        aiokafka retries quietly and fetches nothing, so without this a subscription whose
+        brokers are all gone would say SERVING to the app, the kubelet and the alerts."""
+        lost_since: float | None = None
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if self.consumer.coordinator_known():
+                if lost_since is not None and "coordinator" in self.faults:
+                    log.info(
+                        "the group's coordinator answers again",
+                        extra={"subscription": self.name, "lost_s": round(now - lost_since, 1)},
+                    )
+                    await self._report(set_health, "coordinator", None)
+                lost_since = None
+                continue
+            lost_since = lost_since or now
+            if now - lost_since >= COORDINATOR_LOST_S and "coordinator" not in self.faults:
+                servers = ", ".join(self._client_kwargs["bootstrap_servers"])
+                fault = (
+                    f"no coordinator for the group for {COORDINATOR_LOST_S:g} s: the brokers "
+                    f"(kafka.bootstrap_servers: {servers}) are down or cannot be reached"
+                )
+                log.error(
+                    f"{fault}; still retrying",
+                    extra={"subscription": self.name, "group_id": self.config.group_id},
+                )
+                await self._report(set_health, "coordinator", fault)
 
     async def _watch_stalls(self) -> None:
         """Checks every partition's commit a few times per `stall_after_ms` (see stalls.py)."""
@@ -410,10 +449,21 @@ class GroupSubscription(Subscription):
         tps = [TopicPartition(t, p) for t, p in sorted(self.dispatcher.assigned)]
         if not (self.joined and tps):
             return status
-        ends = await consumer.end_offsets(tps)
-        done = await committed(consumer, tps)
+        # Kafka's figures, if Kafka answers in time: a status that hangs while the brokers
+        # are gone would fail the operator exactly when it is needed.
+        try:
+            async with asyncio.timeout(STATUS_KAFKA_S):
+                ends = await consumer.end_offsets(tps)
+                done = await committed(consumer, tps)
+                positions = {tp: await consumer.position(tp) for tp in tps}
+        except (TimeoutError, KafkaError) as exc:
+            why = f"Kafka did not answer within {STATUS_KAFKA_S:g} s"
+            status.state += (
+                f"; offsets and lag unknown ({why if isinstance(exc, TimeoutError) else exc})"
+            )
+            return status
         for tp in tps:
-            position = await consumer.position(tp)
+            position = positions[tp]
             base = done[tp] if done[tp] >= 0 else position
             status.partitions.append(
                 pb.PartitionStatus(

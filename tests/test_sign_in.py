@@ -1,6 +1,7 @@
-"""A sidecar the brokers refuse at sign-in, or cannot be reached at all: it stays up, NOT_SERVING,
-says why in words an operator can act on (aiokafka says only "Unable to bootstrap", MSK only
-"Access denied"), and recovers without a restart once the cause is fixed."""
+"""A sidecar the brokers refuse at sign-in, or cannot reach at all (at start, or gone while it
+consumes): it stays up, NOT_SERVING, says why in words an operator can act on (aiokafka says
+only "Unable to bootstrap", MSK only "Access denied"), its status still answers, and it
+recovers without a restart once the cause is gone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import SaslAuthenticationFailed
 from grpc_health.v1 import health_pb2
 
+from tests.chaos import broker_command
 from tests.clienttools import produce
 from tests.harness import wait_committed
 from tests.localkafka import IamKey, LocalKafka, SignerTokenProvider
@@ -181,3 +183,45 @@ def test_an_offline_offset_reset_says_why_it_cannot_reach_kafka(
     assert last.startswith("kafka-sidecar: cannot reach Kafka: "), run.stderr
     assert words in last
     assert "Traceback" not in run.stderr
+
+
+async def test_brokers_gone_while_consuming_is_not_serving_and_status_still_answers(
+    kafka: LocalKafka, new_topic: TopicFactory, producer: AIOKafkaProducer
+) -> None:
+    """The only broker is SIGKILLed under a joined subscription with a stream attached:
+    aiokafka retries quietly and would leave health SERVING; the coordinator watch makes it
+    NOT_SERVING with the reason, `status` answers at once (without Kafka's figures), and
+    when the broker is back the subscription serves and delivers again, losing nothing."""
+    topic = await new_topic()
+    await produce(producer, topic, 5)
+    sub = group_subscription("gone", topic)
+    sidecar = SidecarProcess(kafka, [sub]).start()
+    try:
+        await sidecar.wait_serving("gone")
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            app = AppStream(channel)
+            await app.open("gone")
+            await consume_all(app, 5)
+            await wait_committed(kafka, sub["group_id"], topic)
+            await broker_command("kill", 0)
+            try:
+                line = await wait_log(
+                    sidecar, lambda e: "no coordinator for the group" in e.get("msg", ""), 120
+                )
+                assert line["level"] == "error"
+                assert "kafka.bootstrap_servers" in line["msg"]
+                await wait_health(sidecar, "gone", NOT_SERVING, 30)
+                state = (await state_of(sidecar, "gone")).state  # a 10 s deadline
+                assert "no coordinator for the group" in state
+                assert "offsets and lag unknown" in state
+            finally:
+                await broker_command("start", 0)
+            await wait_health(sidecar, "gone", health_pb2.HealthCheckResponse.SERVING, 120)
+            await wait_log(sidecar, lambda e: "coordinator answers again" in e.get("msg", ""))
+            await produce(producer, topic, 5)
+            records = await consume_all(app, 5)
+            assert sorted(r.offset for r in records) == list(range(5, 10))
+            await wait_committed(kafka, sub["group_id"], topic)
+            app.close()
+    finally:
+        sidecar.stop()
