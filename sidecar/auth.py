@@ -107,14 +107,25 @@ class SignInRefused(AuthError):
 async def connection_failure(
     exc: KafkaConnectionError, kwargs: dict[str, Any]
 ) -> tuple[str, dict[str, object]]:
-    """aiokafka's "Unable to bootstrap" in words that say what to look at, with log fields:
-    a refused sign-in (`sign_in_refusal`) or brokers that cannot be reached at all."""
+    """aiokafka's "Unable to bootstrap" in words that say what to look at, with log fields
+    (`unreachable`); other connection errors as they are."""
+    if "Unable to bootstrap" in str(exc):
+        return await unreachable(kwargs)
+    return str(exc), {}
+
+
+async def unreachable(kwargs: dict[str, Any]) -> tuple[str, dict[str, object]]:
+    """Why the brokers of `kwargs` do not answer, with log fields: one refuses the sign-in
+    (`sign_in_refusal`), or none can be reached at all."""
     if refused := await sign_in_refusal(kwargs):
         return str(refused), refused.fields
-    if "Unable to bootstrap" in str(exc):
-        servers = ", ".join(kwargs["bootstrap_servers"])
-        return f"no broker of kafka.bootstrap_servers ({servers}) can be reached", {}
-    return str(exc), {}
+    return f"no broker of kafka.bootstrap_servers ({_servers(kwargs)}) can be reached", {}
+
+
+def _servers(kwargs: dict[str, Any]) -> str:
+    """The bootstrap addresses of `client_kwargs`, for messages (a list, or aiokafka's string)."""
+    servers = kwargs["bootstrap_servers"]
+    return servers if isinstance(servers, str) else ", ".join(servers)
 
 
 async def sign_in_refusal(kwargs: dict[str, Any]) -> SignInRefused | None:

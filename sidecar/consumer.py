@@ -300,8 +300,6 @@ class GroupConsumer:
         self.consumer = self._new_consumer()
         #: With `transactions.enabled`: commits go through the partitions' transactions.
         self.transactions: Transactions | None = None
-        #: Told when polls are refused for want of a permission, and when no longer (health).
-        self.on_denied: Callable[[str | None], Awaitable[None]] | None = None
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         consumer = self.config.consumer
@@ -374,11 +372,15 @@ class GroupConsumer:
             return permissions.PermissionDenied(permissions.describe_topic(t) for t in topics)
         return None
 
-    async def run(self, report: Callable[[str | None], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self,
+        report: Callable[[str | None], Awaitable[None]] | None = None,
+        denied: Callable[[str | None], Awaitable[None]] | None = None,
+    ) -> None:
         """Fetches until stopped; `report` hears of partitions stuck at unreadable batches,
-        `on_denied` of polls refused for want of a permission (see `Fetcher.run`)."""
+        `denied` of polls refused for want of a permission (see `Fetcher.run`)."""
         await Fetcher(self.consumer, self.dispatcher, self.config).run(
-            lambda: self._stopping or not self._fetching, report=report, denied=self.on_denied
+            lambda: self._stopping or not self._fetching, report=report, denied=denied
         )
 
     def stop_fetching(self) -> None:

@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from kafkasidecar.v1 import consumer_pb2 as pb
-from sidecar.auth import connection_failure
+from sidecar.auth import connection_failure, unreachable
 from sidecar.config import SubscriptionConfig
 from sidecar.consumer import GroupConsumer
 from sidecar.deadletters import DeadLetterError, DeadLetterWriter
@@ -232,13 +232,15 @@ class GroupSubscription(Subscription):
         exits 1 so it is restarted) instead of serving on with nothing fetched or committed.
         """
         dispatcher = self.dispatcher
-        self.consumer.on_denied = lambda fault: self._report(set_health, "permissions", fault)
         while True:
             await self._join(set_health)
             try:
                 async with asyncio.TaskGroup() as work:
                     fetching = work.create_task(
-                        self.consumer.run(lambda fault: self._report(set_health, "fetch", fault))
+                        self.consumer.run(
+                            report=lambda fault: self._report(set_health, "fetch", fault),
+                            denied=lambda fault: self._report(set_health, "permissions", fault),
+                        )
                     )
                     committing = work.create_task(self.consumer.commit_loop())
                     watching = work.create_task(self._watch_stalls())
@@ -271,6 +273,7 @@ class GroupSubscription(Subscription):
         aiokafka retries quietly and fetches nothing, so without this a subscription whose
         brokers are all gone would say SERVING to the app, the kubelet and the alerts."""
         lost_since: float | None = None
+        asked = 0.0
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
@@ -284,17 +287,22 @@ class GroupSubscription(Subscription):
                 lost_since = None
                 continue
             lost_since = lost_since or now
-            if now - lost_since >= COORDINATOR_LOST_S and "coordinator" not in self.faults:
-                servers = ", ".join(self._client_kwargs["bootstrap_servers"])
-                fault = (
-                    f"no coordinator for the group for {COORDINATOR_LOST_S:g} s: the brokers "
-                    f"(kafka.bootstrap_servers: {servers}) are down or cannot be reached"
-                )
-                log.error(
-                    f"{fault}; still retrying",
-                    extra={"subscription": self.name, "group_id": self.config.group_id},
-                )
-                await self._report(set_health, "coordinator", fault)
+            if now - lost_since >= COORDINATOR_LOST_S and now - asked >= COORDINATOR_LOST_S:
+                # Asked again every so often: brokers that come back may refuse the sign-in
+                # (credentials revoked, a policy changed), which asking also re-signs for.
+                asked = now
+                why, fields = await unreachable(self._client_kwargs)
+                fault = f"no coordinator for the group for {COORDINATOR_LOST_S:g} s: {why}"
+                if self.faults.get("coordinator") != fault:
+                    log.error(
+                        f"{fault}; still retrying",
+                        extra={
+                            "subscription": self.name,
+                            "group_id": self.config.group_id,
+                            **fields,
+                        },
+                    )
+                    await self._report(set_health, "coordinator", fault)
 
     async def _watch_stalls(self) -> None:
         """Checks every partition's commit a few times per `stall_after_ms` (see stalls.py)."""

@@ -50,6 +50,8 @@ class LocalKafka:
     no_txn_key: IamKey | None = None
     #: ... everything but kafka-cluster:Connect: its sign-in is refused, as on MSK.
     no_connect_key: IamKey | None = None
+    #: The IAM keys and policies the broker reads (at every sign-in, and when it changes).
+    iam_keys_file: str = ""
 
     @property
     def replication_factor(self) -> int:
@@ -89,6 +91,7 @@ class LocalKafka:
             no_dlq_topics=env.get("KAFKA_IAM_NO_DLQ_TOPICS") or "*.dlq",
             no_txn_key=IamKey.from_env(env, "NO_TXN"),
             no_connect_key=IamKey.from_env(env, "NO_CONNECT"),
+            iam_keys_file=env.get("KAFKA_IAM_KEYS_FILE", ""),
         )
 
     def client_kwargs(self, listener: str, **overrides: Any) -> dict[str, Any]:

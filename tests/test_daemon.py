@@ -65,7 +65,10 @@ async def test_a_fetch_loop_that_dies_fails_the_subscription_instead_of_serving_
     async def set_health(serving: bool) -> None:
         health.append(serving)
 
-    async def dies(report: Callable[[str | None], Awaitable[None]] | None = None) -> None:
+    async def dies(
+        report: Callable[[str | None], Awaitable[None]] | None = None,
+        denied: Callable[[str | None], Awaitable[None]] | None = None,
+    ) -> None:
         await asyncio.sleep(0.5)
         raise RuntimeError("the fetch loop broke")
 

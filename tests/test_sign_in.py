@@ -5,10 +5,13 @@ recovers without a restart once the cause is gone."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +27,7 @@ from tests.sidecarproc import AppStream, SidecarProcess, aws_env, group_subscrip
 from tests.test_failures import health_of, wait_health
 from tests.test_local_kafka import iam_connect
 from tests.test_offsets import cli, consume_all
-from tests.test_permissions import restricted, state_of, wait_log
+from tests.test_permissions import key_env, restricted, state_of, wait_log
 
 TopicFactory = Callable[..., Awaitable[str]]
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -185,6 +188,44 @@ def test_an_offline_offset_reset_says_why_it_cannot_reach_kafka(
     assert "Traceback" not in run.stderr
 
 
+async def through_a_lost_coordinator(
+    kafka: LocalKafka,
+    producer: AIOKafkaProducer,
+    sidecar: SidecarProcess,
+    sub: dict[str, Any],
+    fault: Callable[[], Awaitable[None]],
+    cure: Callable[[], Awaitable[None]],
+) -> tuple[dict[str, Any], str]:
+    """A stream consumes the subscription's topic (5 records, committed); `fault` takes the
+    brokers away; the subscription must say so (an error line, NOT_SERVING, a status that
+    answers: these are returned) and, once `cure`d, serve again by itself and deliver and
+    commit the next 5 records."""
+    name, group, (topic,) = sub["name"], sub["group_id"], sub["topics"]
+    await sidecar.wait_serving(name)
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        app = AppStream(channel)
+        await app.open(name)
+        await consume_all(app, 5)
+        await wait_committed(kafka, group, topic)
+        await fault()
+        try:
+            line = await wait_log(
+                sidecar, lambda e: "no coordinator for the group" in e.get("msg", ""), 120
+            )
+            await wait_health(sidecar, name, NOT_SERVING, 30)
+            state = (await state_of(sidecar, name)).state  # a 10 s deadline: it must not hang
+        finally:
+            await cure()
+        await wait_health(sidecar, name, health_pb2.HealthCheckResponse.SERVING, 120)
+        await wait_log(sidecar, lambda e: "coordinator answers again" in e.get("msg", ""))
+        await produce(producer, topic, 5)
+        records = await consume_all(app, 5)
+        assert sorted(r.offset for r in records) == list(range(5, 10))
+        await wait_committed(kafka, group, topic)
+        app.close()
+    return line, state
+
+
 async def test_brokers_gone_while_consuming_is_not_serving_and_status_still_answers(
     kafka: LocalKafka, new_topic: TopicFactory, producer: AIOKafkaProducer
 ) -> None:
@@ -197,31 +238,76 @@ async def test_brokers_gone_while_consuming_is_not_serving_and_status_still_answ
     sub = group_subscription("gone", topic)
     sidecar = SidecarProcess(kafka, [sub]).start()
     try:
-        await sidecar.wait_serving("gone")
-        async with grpc.aio.insecure_channel(sidecar.address) as channel:
-            app = AppStream(channel)
-            await app.open("gone")
-            await consume_all(app, 5)
-            await wait_committed(kafka, sub["group_id"], topic)
-            await broker_command("kill", 0)
-            try:
-                line = await wait_log(
-                    sidecar, lambda e: "no coordinator for the group" in e.get("msg", ""), 120
-                )
-                assert line["level"] == "error"
-                assert "kafka.bootstrap_servers" in line["msg"]
-                await wait_health(sidecar, "gone", NOT_SERVING, 30)
-                state = (await state_of(sidecar, "gone")).state  # a 10 s deadline
-                assert "no coordinator for the group" in state
-                assert "offsets and lag unknown" in state
-            finally:
-                await broker_command("start", 0)
-            await wait_health(sidecar, "gone", health_pb2.HealthCheckResponse.SERVING, 120)
-            await wait_log(sidecar, lambda e: "coordinator answers again" in e.get("msg", ""))
-            await produce(producer, topic, 5)
-            records = await consume_all(app, 5)
-            assert sorted(r.offset for r in records) == list(range(5, 10))
-            await wait_committed(kafka, sub["group_id"], topic)
-            app.close()
+        line, state = await through_a_lost_coordinator(
+            kafka,
+            producer,
+            sidecar,
+            sub,
+            fault=lambda: broker_command("kill", 0),
+            cure=lambda: broker_command("start", 0),
+        )
     finally:
         sidecar.stop()
+    assert line["level"] == "error"
+    assert "no broker of kafka.bootstrap_servers" in line["msg"]
+    assert "no coordinator for the group" in state
+    assert "offsets and lag unknown" in state
+
+
+@contextlib.contextmanager
+def extra_key(kafka: LocalKafka, *lines: str) -> Iterator[Callable[..., None]]:
+    """Adds a test-only key's lines to the broker's key file (read at every sign-in; policies
+    reloaded when it changes); yields a function that rewrites them; restores the file."""
+    keys = Path(kafka.iam_keys_file)
+    original = keys.read_text()
+
+    def write(*lines: str) -> None:
+        new = keys.with_suffix(".test")
+        new.write_text(original + "\n" + "\n".join(lines) + "\n")
+        os.replace(new, keys)  # the broker never reads half a file
+
+    write(*lines)
+    try:
+        yield write
+    finally:
+        write()
+
+
+async def test_a_sign_in_refused_mid_run_is_named_not_taken_for_an_outage(
+    kafka: LocalKafka, new_topic: TopicFactory, producer: AIOKafkaProducer
+) -> None:
+    """The broker ends the sidecar's IAM sessions every 10 s, as MSK does, and then refuses
+    its sign-in (Connect taken out of the role's policy): after 30 s without a coordinator the
+    subscription is NOT_SERVING and says the sign-in is refused, not that the brokers are
+    down. With the policy restored it serves again by itself, and nothing is lost."""
+    if not kafka.iam_keys_file:
+        pytest.fail("scripts/local-kafka env has no KAFKA_IAM_KEYS_FILE")
+    key = IamKey(f"AKIATESTREVOKE{uuid.uuid4().hex[:6].upper()}", uuid.uuid4().hex)
+    allowed = (
+        f"key.{key.access_key_id}.secret={key.secret_access_key}",
+        f"key.{key.access_key_id}.max_session_ms=10000",
+        f"key.{key.access_key_id}.policy.all=allow * *",
+    )
+    revoked = (*allowed, f"key.{key.access_key_id}.policy.revoked=deny Connect cluster")
+    topic = await new_topic()
+    await produce(producer, topic, 5)
+    sub = group_subscription("revoked", topic)
+    with extra_key(kafka, *allowed) as rewrite:
+
+        async def revoke() -> None:
+            rewrite(*revoked)
+
+        async def restore() -> None:
+            rewrite(*allowed)
+
+        sidecar = SidecarProcess(kafka, [sub], env=key_env(kafka, key)).start()
+        try:
+            line, state = await through_a_lost_coordinator(
+                kafka, producer, sidecar, sub, fault=revoke, cure=restore
+            )
+        finally:
+            sidecar.stop()
+    assert "refused the sidecar's MSK IAM sign-in" in line["msg"]
+    assert f"signed with access key {key.access_key_id}" in line["msg"]
+    assert line["iam_actions"] == ["kafka-cluster:Connect"]
+    assert "kafka-cluster:Connect" in state
