@@ -130,17 +130,23 @@ def _servers(kwargs: dict[str, Any]) -> str:
 
 async def sign_in_refusal(kwargs: dict[str, Any]) -> SignInRefused | None:
     """Why aiokafka could not bootstrap with `kwargs` (`client_kwargs`), if a broker refused
-    the sign-in: connects to each bootstrap address as aiokafka would. None if none refused
-    (unreachable, or reachable again). Only called after a failed bootstrap: not a hot path."""
+    the sign-in: connects to the bootstrap addresses as aiokafka would, until one answers.
+    None if none refused (unreachable, or signed in: reachable again). A refused MSK IAM token
+    is dropped, so the next connection signs afresh (fixed or rotated credentials take effect
+    without a restart). Only called after a failed bootstrap or a lost coordinator."""
     connect = {k: v for k, v in kwargs.items() if k != "bootstrap_servers"}
     for host, port, _ in collect_hosts(kwargs["bootstrap_servers"], randomize=False):
         try:
             conn = await create_conn(host, port, **connect)
         except SaslAuthenticationFailed as exc:
+            provider = kwargs.get("sasl_oauth_token_provider")
+            if isinstance(provider, MskIamTokenProvider):
+                provider.refused()
             return _refused(f"{host}:{port}", exc, kwargs)
         except (OSError, KafkaError, TimeoutError):
             continue
         conn.close()
+        return None  # signed in: the credentials are good
     return None
 
 
@@ -148,7 +154,6 @@ def _refused(address: str, exc: BaseException, kwargs: dict[str, Any]) -> SignIn
     said = _one_line(exc)
     provider = kwargs.get("sasl_oauth_token_provider")
     if isinstance(provider, MskIamTokenProvider):
-        provider.refused()
         connect = permissions.connect()
         return SignInRefused(
             f"broker {address} refused the sidecar's MSK IAM sign-in ({said}). MSK says "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.test_failures import health_of, wait_health
 from tests.test_local_kafka import iam_connect
 from tests.test_offsets import cli, consume_all
 from tests.test_permissions import key_env, restricted, state_of, wait_log
+from tests.test_server import free_port
 
 TopicFactory = Callable[..., Awaitable[str]]
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -44,9 +44,7 @@ def credentials_file(path: Path, key: IamKey) -> None:
 
 def nowhere() -> str:
     """An address nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def wrong_scram_password(kafka: LocalKafka) -> dict[str, object]:
